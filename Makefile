@@ -1,0 +1,27 @@
+# Set-up is part of every target: uv is installed if missing, the locked environment is synced.
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+DEMO_DIR ?= demo_out
+
+.PHONY: demo test test-slow lint bench-preprocess bench-models uv
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
+
+demo: uv
+	$(UV) run --locked wsi-mil demo --out $(DEMO_DIR)
+
+test: uv
+	$(UV) run --locked --extra dev pytest -q
+
+test-slow: uv
+	$(UV) run --locked --extra dev pytest -q -m slow
+
+lint: uv
+	$(UV) run --locked --extra dev ruff check wsi_mil tests benchmarks
+
+bench-preprocess: uv
+	$(UV) run --locked python benchmarks/bench_preprocess.py
+
+bench-models: uv
+	$(UV) run --locked python benchmarks/bench_models.py

@@ -1,0 +1,11 @@
+"""MIL model zoo: one forward contract (`MILModel` -> `MILOutput`), a registry and a factory."""
+
+from wsi_mil.models.base import MILModel as MILModel
+from wsi_mil.models.base import MILOutput as MILOutput
+from wsi_mil.models.registry import create_model as create_model
+from wsi_mil.models.registry import is_model as is_model
+from wsi_mil.models.registry import list_models as list_models
+from wsi_mil.models.registry import model_entry as model_entry
+from wsi_mil.models.registry import register_model as register_model
+
+# Model family modules register themselves on import; import each one explicitly here.

@@ -1,0 +1,73 @@
+"""The forward contract every MIL model follows: features [B, N, D] + mask [B, N] -> MILOutput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MILOutput:
+    """What a MIL model returns for a padded batch of bags.
+
+    Attributes:
+        logits: `[B, C]` bag logits.
+        attention: `[B, N]` canonical per-instance attention, non-negative, zero on padding.
+            For softmax-attention models it sums to 1 over each bag's valid instances; each model
+            documents what it puts here (e.g. DSMIL: the bag-stream attention).
+        maps: extra per-instance maps, each `[B, K, N]` or `[B, N]` (per branch, per head, per
+            class, instance scores), zero on padding.
+        aux_losses: auxiliary losses computed inside the forward pass (scalars); the trainer adds
+            them to the bag loss. Losses that need the label come from `MILModel.aux_losses`.
+        embedding: `[B, E]` bag embedding before the classifier, where the model has one.
+        instance_logits: `[B, N, C]` per-instance class logits, where the model has them.
+        extras: other per-bag tensors a loss or a caller needs (e.g. ACMIL's branch logits
+            `[B, K, C]`, DSMIL's max-instance logits `[B, C]`).
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
+    instance_logits: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MILModel(nn.Module):
+    """Base class: subclasses implement `forward(x, mask=None) -> MILOutput`.
+
+    `x` is `[B, N, D]`; `mask` is a `[B, N]` bool tensor, True for real instances (None = all
+    valid). Every bag must hold at least one valid instance.
+    """
+
+    #: whether the output is invariant to the order of the instances in a bag
+    permutation_invariant: bool = True
+    #: whether the model respects the standard MIL assumption (adding instances can only raise the
+    #: positive score); documented per model and checked by `wsi_mil.models.mil_checks`
+    mil_assumption: bool = False
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        raise NotImplementedError
+
+    def aux_losses(self, output: MILOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Label-dependent auxiliary losses (e.g. CLAM's instance clustering). Default: none."""
+        return {}
+
+
+def resolve_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Return a bool `[B, N]` mask for `x` (all True when `mask` is None), checking its shape."""
+    if x.dim() != 3:
+        raise ValueError(f"features must be [B, N, D], got shape {tuple(x.shape)}")
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask must be [B, N] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    return mask.to(device=x.device, dtype=torch.bool)
