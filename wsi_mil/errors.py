@@ -56,3 +56,35 @@ class RunFolderError(WsiMilError):
 
 class FeatureContractError(WsiMilError):
     """Features do not match what a trained model expects (encoder, feature dimension, mpp, tile px)."""
+
+
+class TilingError(WsiMilError):
+    """Tiling settings cannot be applied to a slide (a tile would cover less than one pixel)."""
+
+
+class ModelConfigError(WsiMilError, ValueError):
+    """A model option has a value the model cannot use; the message names the option."""
+
+
+class SlidePathError(WsiMilError, ValueError):
+    """A slide path a client named lies outside the service's slide root or does not exist there."""
+
+
+class UploadTooLargeError(WsiMilError):
+    """An upload exceeds the service's size limit (`WSI_MIL_MAX_UPLOAD_MB`)."""
+
+
+class JobStateError(WsiMilError):
+    """A job is in a state that does not allow the request (its results are not ready, it finished)."""
+
+
+class JobCancelledError(WsiMilError):
+    """A slide job stopped because it was cancelled or the service is shutting down."""
+
+
+class HeatmapRequestError(WsiMilError, ValueError):
+    """A heatmap was asked for with a map, class, scale or colormap the job's scores do not have."""
+
+
+class TileNotFoundError(WsiMilError, LookupError):
+    """A Deep Zoom level or tile address outside a slide's pyramid."""

@@ -9,3 +9,8 @@ from wsi_mil.models.registry import model_entry as model_entry
 from wsi_mil.models.registry import register_model as register_model
 
 # Model family modules register themselves on import; import each one explicitly here.
+from wsi_mil.models import abmil as abmil  # noqa: E402
+from wsi_mil.models import acmil as acmil  # noqa: E402
+from wsi_mil.models import clam as clam  # noqa: E402
+from wsi_mil.models import dsmil as dsmil  # noqa: E402
+from wsi_mil.models import transmil as transmil  # noqa: E402

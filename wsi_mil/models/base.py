@@ -48,6 +48,8 @@ class MILModel(nn.Module):
     #: whether the model respects the standard MIL assumption (adding instances can only raise the
     #: positive score); documented per model and checked by `wsi_mil.models.mil_checks`
     mil_assumption: bool = False
+    #: whether `attention` is a softmax over the valid instances (sums to 1 per bag)
+    softmax_attention: bool = True
 
     def __init__(self, in_dim: int, num_classes: int) -> None:
         super().__init__()
