@@ -1,0 +1,187 @@
+"""Tissue segmentation, tissue fractions of level-0 boxes and the QuPath GeoJSON export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+
+from wsi_mil.errors import MissingMppError
+from wsi_mil.preprocessing.slide import open_slide
+from wsi_mil.preprocessing.tissue import (
+    TissueMask,
+    TissueParams,
+    segment_tissue,
+    tissue_contours,
+    tissue_geojson,
+)
+
+NDPI = "tissue/test3-DAPI-2-(387).ndpi"
+
+
+def _ring_area(ring: list[list[float]]) -> float:
+    points = np.asarray(ring)
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+
+
+def _polygon_area(rings: list[list[list[float]]]) -> float:
+    """Area of a GeoJSON polygon (exterior minus holes)."""
+    return abs(_ring_area(rings[0])) - sum(abs(_ring_area(hole)) for hole in rings[1:])
+
+
+@pytest.fixture(scope="module")
+def synthetic_mask(synthetic_slide) -> TissueMask:
+    return segment_tissue(open_slide(synthetic_slide.path), TissueParams())
+
+
+def test_mask_covers_the_painted_tissue_and_nothing_else(synthetic_slide, synthetic_mask) -> None:
+    mask = synthetic_mask
+    assert mask.downsample == pytest.approx(8.0 / synthetic_slide.mpp)
+    assert mask.mask.shape == (3072 // 32, 4096 // 32)
+    assert mask.mask.dtype == bool
+    x0, y0, x1, y1 = synthetic_slide.tissue_box
+    hx0, hy0, hx1, hy1 = synthetic_slide.hole_box
+    tissue_only = (x1 - x0) * (y1 - y0) - (hx1 - hx0) * (hy1 - hy0)
+    assert mask.fraction_in(x0, y0, x1 - x0, y1 - y0) * (x1 - x0) * (y1 - y0) == pytest.approx(
+        tissue_only, rel=0.02
+    )
+    assert mask.fraction_in(hx0 + 32, hy0 + 32, 320, 320) < 0.05  # the hole stays open
+    sx0, sy0 = synthetic_slide.speck_box[:2]
+    assert mask.fraction_in(sx0 - 64, sy0 - 64, 168, 168) == 0.0  # 100 µm² speck removed
+    assert mask.fraction_in(0, 0, 1024, 3072) == 0.0  # background left of the tissue
+    cx, cy = synthetic_slide.disk_center
+    assert mask.fraction_in(cx - 150, cy - 150, 300, 300) == 1.0
+    expected_fraction = synthetic_slide.tissue_area() / (4096 * 3072)
+    assert mask.area_fraction == pytest.approx(expected_fraction, rel=0.05)
+
+
+def test_fractions_are_exact_area_weighted_coverage() -> None:
+    rng = np.random.default_rng(3)
+    grid = rng.random((12, 15)) > 0.5
+    mask = TissueMask(grid, 4.0, TissueParams())
+    coords = rng.integers(-160, 960, size=(40, 2)) / 16  # fractional level-0 positions
+    fractions = mask.fractions_in(coords, 7.5)
+    # Brute force on a grid of 1/16 level-0 px, where these boxes have integer bounds.
+    fine = np.kron(grid, np.ones((64, 64), dtype=bool))
+    for (x, y), fraction in zip(coords, fractions, strict=True):
+        u0, v0 = round(x * 16), round(y * 16)
+        u1, v1 = u0 + 120, v0 + 120
+        window = fine[max(v0, 0) : max(v1, 0), max(u0, 0) : max(u1, 0)]
+        assert fraction == pytest.approx(window.sum() / 120**2, abs=1e-9)
+        assert mask.fraction_in(x, y, 7.5, 7.5) == pytest.approx(fraction)
+
+
+def test_fluorescence_mode_finds_the_section_where_brightfield_calls_everything_tissue(
+    slides_dir: Path,
+) -> None:
+    slide = open_slide(slides_dir / NDPI)
+    fluorescence = segment_tissue(slide, TissueParams(mode="fluorescence"))
+    brightfield = segment_tissue(slide, TissueParams(mode="brightfield"))
+    # Black background has high HSV saturation, so brightfield keeps it all.
+    assert brightfield.area_fraction > 0.98
+    assert 0.6 < fluorescence.area_fraction < 0.92
+    assert brightfield.area_fraction - fluorescence.area_fraction > 0.08
+    width, height = slide.dimensions
+    # The black strip along the bottom edge is background; the nuclei-dense band above it is not.
+    assert fluorescence.fraction_in(0, height - 200, width, 200) < 0.3
+    assert fluorescence.fraction_in(0, int(height * 0.7), width, int(height * 0.1)) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("file_name", "override", "low", "high"),
+    [
+        ("tissue/CMU-1-Small-Region.svs", None, 0.25, 0.45),
+        ("tissue/tcga-cr-7395-01a-01-ts1.svs", 0.25, 0.5, 0.8),
+    ],
+)
+def test_brightfield_fraction_on_real_he_slides(
+    slides_dir: Path, file_name: str, override: float | None, low: float, high: float
+) -> None:
+    slide = open_slide(slides_dir / file_name, mpp_override=override)
+    mask = segment_tissue(slide, TissueParams())
+    assert low < mask.area_fraction < high
+    geojson = tissue_geojson(mask)
+    polygons = geojson["features"][0]["geometry"]["coordinates"]
+    if geojson["features"][0]["geometry"]["type"] == "Polygon":
+        polygons = [polygons]
+    polygon_area = sum(_polygon_area(p) for p in polygons)
+    assert polygon_area == pytest.approx(mask.mask.sum() * mask.downsample**2, rel=0.05)
+
+
+def test_segmentation_needs_the_slide_mpp(slides_dir: Path) -> None:
+    with pytest.raises(MissingMppError, match="--slide-mpp"):
+        segment_tissue(
+            open_slide(slides_dir / "tissue/tcga-cr-7395-01a-01-ts1.svs"), TissueParams()
+        )
+
+
+def test_blank_slide_gives_an_empty_mask_not_an_error(blank_slide: Path) -> None:
+    mask = segment_tissue(open_slide(blank_slide), TissueParams())
+    assert mask.mask.shape == (128, 128)
+    assert not mask.mask.any()
+    assert mask.area_fraction == 0.0
+    assert tissue_contours(mask) == []
+    assert tissue_geojson(mask) == {"type": "FeatureCollection", "features": []}
+    # A fixed threshold is used as given (no floor): every pixel is brighter than 0.
+    fixed = TissueParams(mode="fluorescence", threshold=0)
+    assert segment_tissue(open_slide(blank_slide), fixed).area_fraction == 1.0
+
+
+def test_whole_mode_marks_everything(synthetic_slide) -> None:
+    mask = segment_tissue(open_slide(synthetic_slide.path), TissueParams(mode="whole"))
+    assert mask.mask.all()
+    [polygon] = tissue_contours(mask)
+    xs, ys = np.asarray(polygon["exterior"]).T
+    assert (xs.min(), ys.min(), xs.max(), ys.max()) == pytest.approx((0, 0, 4096, 3072), abs=1)
+
+
+def test_params_are_frozen_and_validated() -> None:
+    params = TissueParams()
+    with pytest.raises(pydantic.ValidationError):
+        params.seg_mpp = 4.0  # type: ignore[misc]
+    for bad in ({"threshold": 300}, {"threshold": "mean"}, {"seg_mpp": 0}, {"mode": "ihc"}):
+        with pytest.raises(pydantic.ValidationError):
+            TissueParams(**bad)
+    assert TissueParams(threshold=40).threshold == 40
+
+
+def test_geojson_is_a_qupath_annotation_in_level0_pixels(synthetic_slide, synthetic_mask) -> None:
+    geojson = tissue_geojson(synthetic_mask, name="synthetic tissue")
+    assert json.loads(json.dumps(geojson)) == geojson
+    assert geojson["type"] == "FeatureCollection"
+    [feature] = geojson["features"]
+    assert feature["type"] == "Feature"
+    assert feature["properties"]["objectType"] == "annotation"
+    assert feature["properties"]["name"] == "synthetic tissue"
+    assert feature["properties"]["classification"]["name"] == "Tissue"
+    assert (
+        feature["id"]
+        == tissue_geojson(synthetic_mask, name="synthetic tissue")["features"][0]["id"]
+    )
+    geometry = feature["geometry"]
+    assert geometry["type"] == "MultiPolygon"
+    polygons = geometry["coordinates"]
+    assert len(polygons) == 2  # the rectangle (with its hole) and the disk; the speck is gone
+    width, height = synthetic_slide.dimensions
+    for polygon in polygons:
+        for ring in polygon:
+            assert ring[0] == ring[-1] and len(ring) >= 4
+            points = np.asarray(ring)
+            assert (points >= 0).all()
+            assert (points[:, 0] <= width).all() and (points[:, 1] <= height).all()
+        assert _ring_area(polygon[0]) > 0  # exterior counter-clockwise
+        assert all(_ring_area(hole) < 0 for hole in polygon[1:])
+    rectangle = max(polygons, key=lambda p: _polygon_area(p))
+    assert len(rectangle) == 2  # exterior + the hole
+    hole = np.asarray(rectangle[1])
+    hole_bounds = (*hole.min(axis=0), *hole.max(axis=0))
+    assert hole_bounds == pytest.approx(synthetic_slide.hole_box, abs=48)  # within 1.5 mask px
+    total = sum(_polygon_area(p) for p in polygons)
+    assert total == pytest.approx(
+        synthetic_mask.mask.sum() * synthetic_mask.downsample**2, rel=0.03
+    )
+    assert total == pytest.approx(synthetic_slide.tissue_area(), rel=0.05)
