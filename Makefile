@@ -6,12 +6,16 @@ DEMO_DIR ?= demo_out
 .PHONY: demo test test-slow lint bench-preprocess bench-models uv
 
 uv:
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
+	  python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --user uv 2>/dev/null || \
+	  python3 -m pip install -q --user --break-system-packages uv
 
 demo: uv
+	@bash scripts/setup-extras.sh
 	$(UV) run --locked wsi-mil demo --out $(DEMO_DIR)
 
 test: uv
+	@bash scripts/setup-extras.sh --browser
 	$(UV) run --locked --extra dev pytest -q
 
 test-slow: uv

@@ -1,0 +1,133 @@
+"""Streaming feature extraction: DataLoader workers read and resize tiles while the encoder runs.
+
+Batches come out in tile order as `(start_row, features [b, D])`, so a `FeatureFileWriter` can
+write them straight to disk and memory stays bounded whatever the number of tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsi_mil.preprocessing.encoders import Encoder, EncoderCfg, preprocess_tile, resolve_precision
+from wsi_mil.preprocessing.slide import SlideReader
+from wsi_mil.preprocessing.tiling import TileGrid, read_tile
+
+
+class TileDataset(Dataset[torch.Tensor]):
+    """Tiles of `grid` as uint8 `[3, img_size, img_size]`, resized and cropped for `cfg`.
+
+    Each process reads through its own `SlideReader`: the creating process uses `slide`, any
+    other process (a DataLoader worker, forked or spawned) opens a private copy on first use.
+    """
+
+    def __init__(self, slide: SlideReader, grid: TileGrid, cfg: EncoderCfg) -> None:
+        self.slide = slide
+        self.grid = grid
+        self.cfg = cfg
+        self._owner_pid = os.getpid()
+        self._worker_reader: SlideReader | None = None
+        self._worker_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.grid.coords)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        tile = read_tile(self._reader(), self.grid, index)  # [tile_px, tile_px, 3]
+        return preprocess_tile(tile, self.cfg)
+
+    def _reader(self) -> SlideReader:
+        pid = os.getpid()
+        if pid == self._owner_pid:
+            return self.slide
+        if self._worker_reader is None or self._worker_pid != pid:
+            # A pickle round trip gives a reader with no OpenSlide handle (see SlideReader).
+            self._worker_reader = pickle.loads(pickle.dumps(self.slide))
+            self._worker_pid = pid
+        return self._worker_reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_worker_reader"] = None
+        state["_worker_pid"] = None
+        return state
+
+
+def extract_features(
+    slide: SlideReader,
+    grid: TileGrid,
+    encoder: Encoder,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    precision: str = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+    multiprocessing_context: str | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(start_row, features float32 [b, D])` for the tiles of `grid`, in order.
+
+    `precision="auto"` runs the encoder's GPU precision on CUDA and its measured CPU precision
+    on CPU (see `resolve_precision`). `on_batch(done, total)` is called after every batch.
+    Results do not depend on `num_workers`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total = len(grid.coords)
+    if total == 0:
+        return
+    dataset = TileDataset(slide, grid, encoder.cfg)
+    use_workers = num_workers > 0
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=encoder.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=2 if use_workers else None,
+        multiprocessing_context=multiprocessing_context if use_workers else None,
+    )
+    done = 0
+    for images in loader:  # uint8 [b, 3, S, S]
+        features = encoder.embed(images, precision=precision).cpu().numpy()  # [b, D]
+        yield done, features
+        done += len(features)
+        if on_batch is not None:
+            on_batch(done, total)
+
+
+def measure_forward_throughput(
+    encoder: Encoder,
+    *,
+    batch_size: int = 32,
+    n_batches: int = 4,
+    precision: str = "auto",
+    warmup_batches: int = 1,
+) -> float:
+    """Tiles per second of the encoder's forward pass alone (normalised random input already on
+    the device; no decoding, no transfer), after `warmup_batches` untimed batches."""
+    resolved = resolve_precision(precision, encoder.cfg, encoder.device)
+    generator = torch.Generator().manual_seed(0)
+    side = encoder.cfg.img_size
+    x = torch.randn(batch_size, 3, side, side, generator=generator).to(encoder.device)
+    if encoder.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    on_cuda = encoder.device.type == "cuda"
+    with torch.inference_mode(), encoder.autocast(resolved):
+        for _ in range(warmup_batches):
+            encoder.model(x)
+        if on_cuda:
+            torch.cuda.synchronize(encoder.device)
+        start = time.perf_counter()
+        for _ in range(n_batches):
+            encoder.model(x)
+        if on_cuda:
+            torch.cuda.synchronize(encoder.device)
+    return batch_size * n_batches / (time.perf_counter() - start)

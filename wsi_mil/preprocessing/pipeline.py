@@ -1,0 +1,280 @@
+"""One slide end to end: open → tissue → tiles → features.h5 (+ mask, GeoJSON, QC thumbnail).
+
+`preprocess_slide` is the single-slide call the batch job, the service and Python users share, so
+features of the same tiles are identical whichever way a slide is processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from wsi_mil import __version__
+from wsi_mil.errors import WsiMilError
+from wsi_mil.preprocessing.encoders import Encoder, load_encoder, resolve_precision
+from wsi_mil.preprocessing.extract import extract_features
+from wsi_mil.preprocessing.feature_file import FeatureFileWriter, FeatureProvenance
+from wsi_mil.preprocessing.qc import render_qc_thumbnail, save_json_atomic, save_png_atomic
+from wsi_mil.preprocessing.slide import SlideReader, open_slide, quick_hash
+from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, tile_grid
+from wsi_mil.preprocessing.tissue import TissueMask, TissueParams, segment_tissue, tissue_geojson
+
+log = logging.getLogger(__name__)
+
+SlideStatus = Literal["done", "failed", "no_tissue", "skipped"]
+
+
+class PreprocessConfig(BaseModel):
+    """Everything that decides a slide's outputs, plus runtime knobs that do not change them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tissue: TissueParams = Field(default_factory=TissueParams)
+    tiling: TilingParams = Field(default_factory=TilingParams)
+    encoder: str = "resnet50-trunc"
+    weights: str | None = Field(default=None, description='a weights file, or "random" (tests, demo)')
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    features_dtype: Literal["float16", "float32"] = "float16"
+    slide_mpp: float | None = Field(default=None, description="mpp for slides whose files carry none")
+    # runtime only: not part of the parameter hash
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str | None = None
+    qc_max_size: int = 1024
+
+    def output_params(self, slide_mpp_override: float | None) -> dict[str, object]:
+        """The settings that change a slide's outputs (what `params_hash` covers)."""
+        return {
+            "tissue": self.tissue.model_dump(),
+            "tiling": self.tiling.model_dump(),
+            "encoder": self.encoder,
+            "weights": self.weights,
+            "precision": self.precision,
+            "features_dtype": self.features_dtype,
+            "slide_mpp_override": slide_mpp_override,
+        }
+
+    def params_hash(self, slide_mpp_override: float | None = None) -> str:
+        """A short stable hash of `output_params`; a slide is done only if its file carries it."""
+        blob = json.dumps(self.output_params(slide_mpp_override), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class OutputPaths:
+    """Where one slide's outputs go under the batch output folder."""
+
+    root: Path
+    slide_id: str
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features" / f"{self.slide_id}.h5"
+
+    @property
+    def mask(self) -> Path:
+        return self.root / "tissue" / f"{self.slide_id}_mask.png"
+
+    @property
+    def geojson(self) -> Path:
+        return self.root / "tissue" / f"{self.slide_id}.geojson"
+
+    @property
+    def qc(self) -> Path:
+        return self.root / "qc" / f"{self.slide_id}.png"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status" / f"{self.slide_id}.json"
+
+    def make_dirs(self) -> None:
+        for p in (self.features, self.mask, self.qc, self.status):
+            p.parent.mkdir(parents=True, exist_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed run left for this slide (never under a final name)."""
+        for folder in {self.features.parent, self.mask.parent, self.qc.parent, self.status.parent}:
+            for tmp in folder.glob(f"*{self.slide_id}*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class SlideResult:
+    """The status record of one slide (written as JSON to `status/<slide_id>.json`)."""
+
+    slide_id: str
+    slide_path: str
+    status: SlideStatus
+    reason: str = ""
+    tiles: int = 0
+    seconds: float = 0.0
+    params_hash: str = ""
+    mpp: float | None = None
+    mpp_source: str | None = None
+    feature_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    finished_utc: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def preprocess_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    config: PreprocessConfig,
+    *,
+    slide_id: str | None = None,
+    mpp_override: float | None = None,
+    encoder: Encoder | None = None,
+    on_tiles: Callable[[int, int], None] | None = None,
+) -> SlideResult:
+    """Process one slide into `out_dir`; bad input gives a `failed` result, never an exception.
+
+    `mpp_override` (per slide) falls back to `config.slide_mpp`. `encoder` lets a caller reuse a
+    loaded encoder across slides. `on_tiles(done, total)` reports feature-extraction progress.
+    """
+    slide_path = Path(slide_path)
+    slide_id = slide_id or slide_path.stem
+    override = mpp_override if mpp_override is not None else config.slide_mpp
+    paths = OutputPaths(Path(out_dir), slide_id)
+    paths.make_dirs()
+    paths.remove_stale_temporaries()
+    result = SlideResult(slide_id, str(slide_path), "failed", params_hash=config.params_hash(override))
+    started = time.perf_counter()
+    try:
+        _run_slide(slide_path, paths, config, result, override, encoder, on_tiles)
+    except WsiMilError as err:
+        result.status, result.reason = "failed", str(err)
+    except Exception as err:  # a broken slide must fail alone, with its reason, not stop a batch
+        log.exception("unexpected error on slide %s", slide_id)
+        result.status, result.reason = "failed", f"{type(err).__name__}: {err}"
+    result.seconds = round(time.perf_counter() - started, 3)
+    result.finished_utc = datetime.now(UTC).isoformat(timespec="seconds")
+    save_json_atomic(result.to_json(), paths.status)
+    return result
+
+
+def _run_slide(
+    slide_path: Path,
+    paths: OutputPaths,
+    config: PreprocessConfig,
+    result: SlideResult,
+    override: float | None,
+    encoder: Encoder | None,
+    on_tiles: Callable[[int, int], None] | None,
+) -> None:
+    clock = time.perf_counter()
+    with open_slide(slide_path, mpp_override=override) as slide:
+        mpp = slide.mpp
+        result.mpp, result.mpp_source = mpp.mpp, mpp.source
+        mask = segment_tissue(slide, config.tissue)
+        grid = tile_grid(slide, mask, config.tiling)
+        result.timings["tissue_and_tiling_s"] = round(time.perf_counter() - clock, 3)
+        _write_tissue_outputs(slide, mask, grid, paths, config)
+        result.tiles = len(grid)
+        if len(grid) == 0:
+            result.status = "no_tissue"
+            result.reason = (
+                f"no tile reached tissue fraction {config.tiling.min_tissue_fraction} "
+                f"(tissue area {mask.area_fraction:.1%} of the slide, mode {config.tissue.mode!r}); "
+                "try --tissue-mode or a lower --min-tissue"
+            )
+            return
+        if encoder is None:
+            encoder = load_encoder(config.encoder, weights=config.weights, device=config.device)
+        clock = time.perf_counter()
+        provenance = _provenance(slide, grid, mask, encoder, config, result.params_hash, result.slide_id)
+        with FeatureFileWriter(
+            paths.features,
+            num_tiles=len(grid),
+            feature_dim=encoder.cfg.embed_dim,
+            coords=grid.coords,
+            provenance=provenance,
+            dtype=config.features_dtype,
+        ) as writer:
+            done = 0
+            for start, feats in extract_features(
+                slide,
+                grid,
+                encoder,
+                batch_size=config.batch_size,
+                num_workers=config.num_workers,
+                precision=config.precision,
+            ):
+                writer.write(start, feats)
+                done += len(feats)
+                if on_tiles is not None:
+                    on_tiles(done, len(grid))
+        result.timings["features_s"] = round(time.perf_counter() - clock, 3)
+        result.status, result.feature_path = "done", str(paths.features)
+
+
+def _write_tissue_outputs(
+    slide: SlideReader, mask: TissueMask, grid: TileGrid, paths: OutputPaths, config: PreprocessConfig
+) -> None:
+    save_png_atomic(Image.fromarray((mask.mask * 255).astype(np.uint8)), paths.mask)
+    save_json_atomic(tissue_geojson(mask, name=paths.slide_id), paths.geojson)
+    save_png_atomic(render_qc_thumbnail(slide, mask, grid, max_size=config.qc_max_size), paths.qc)
+
+
+def _provenance(
+    slide: SlideReader,
+    grid: TileGrid,
+    mask: TissueMask,
+    encoder: Encoder,
+    config: PreprocessConfig,
+    params_hash: str,
+    slide_id: str,
+) -> FeatureProvenance:
+    mpp = slide.mpp
+    objective = slide.properties.get("openslide.objective-power")
+    width, height = slide.dimensions
+    return FeatureProvenance(
+        slide_id=slide_id,
+        slide_path=str(slide.path),
+        slide_quick_hash=quick_hash(slide.path),
+        slide_width=int(width),
+        slide_height=int(height),
+        slide_vendor=str(slide.vendor),
+        mpp=float(mpp.mpp),
+        mpp_source=mpp.source,
+        target_mpp=float(config.tiling.target_mpp),
+        tile_px=int(config.tiling.tile_px),
+        tile_size_level0=int(grid.tile_size_level0),
+        overlap_px=int(config.tiling.overlap_px),
+        read_level=int(grid.read_level),
+        read_size=int(grid.read_size),
+        read_level_downsample=float(slide.level_downsamples[grid.read_level]),
+        read_level_dimensions=tuple(int(v) for v in slide.level_dimensions[grid.read_level]),
+        objective_power=float(objective) if objective else None,
+        # 10 / mpp (not the nominal objective) so TRIDENT's loaders recompute the exact tile extent
+        level0_magnification=round(10.0 / mpp.mpp, 4),
+        target_magnification=round(10.0 / config.tiling.target_mpp, 3),
+        encoder=encoder.cfg.name,
+        encoder_weights=encoder.weights,
+        encoder_weights_sha256=encoder.weights_sha256 or "",
+        feature_dim=int(encoder.cfg.embed_dim),
+        precision=resolve_precision(config.precision, encoder.cfg, encoder.device),
+        transform=encoder.transform_info(),
+        tissue={"method": "classical", **config.tissue.model_dump(), "area_fraction": mask.area_fraction},
+        tiling=config.tiling.model_dump(),
+        params_hash=params_hash,
+        timm_version=timm.__version__,
+        torch_version=torch.__version__,
+        wsi_mil_version=__version__,
+        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
