@@ -1,0 +1,155 @@
+"""App-wide behaviour: API key, request ids, error bodies without stack traces, CORS, metrics, logs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from wsi_mil.service import create_app
+from wsi_mil.service.deps import get_registry
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture()
+def keyed(make_settings, model_folder, tmp_path: Path) -> Iterator[TestClient]:
+    model_folder(tmp_path / "models" / "random_abmil")
+    with TestClient(create_app(make_settings(api_key=KEY, workers=0))) as client:
+        yield client
+
+
+PROTECTED = [
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/random_abmil"),
+    ("POST", "/v1/predictions"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/" + "a" * 32),
+    ("POST", "/v1/jobs/" + "a" * 32 + "/cancel"),
+    ("DELETE", "/v1/jobs/" + "a" * 32),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/heatmap.png"),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/heatmap.geojson"),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/scores.json"),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/top-tiles"),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/top-tiles/1.png"),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/dzi.dzi"),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/dzi_files/0/0_0.jpeg"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+def test_api_key_is_required_on_v1(keyed: TestClient, method: str, path: str) -> None:
+    missing = keyed.request(method, path)
+    assert missing.status_code == 401, missing.text
+    assert (
+        "X-API-Key" in missing.json()["detail"] and missing.headers["www-authenticate"] == "ApiKey"
+    )
+    wrong = keyed.request(method, path, headers={"X-API-Key": "guess"})
+    assert wrong.status_code == 403
+    assert keyed.request(method, path, headers={"X-API-Key": KEY}).status_code not in (401, 403)
+
+
+def test_open_endpoints_need_no_key(keyed: TestClient) -> None:
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+        "/static/viewer.js",
+    ):
+        assert keyed.get(path).status_code == 200, path
+    # the viewer page is an empty shell; it sends the key (from the URL fragment) with its own requests
+    assert keyed.get("/v1/jobs/" + "a" * 32 + "/viewer").status_code == 200
+    assert keyed.get("/v1/models", headers={"X-API-Key": KEY}).json()["count"] == 1
+
+
+def test_request_ids_on_every_response_and_log_line(
+    keyed: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsi_mil")
+    fresh = keyed.get("/healthz")
+    assert len(fresh.headers["x-request-id"]) == 32
+    echoed = keyed.get("/v1/models", headers={"X-Request-ID": "client-id.42"})
+    assert echoed.headers["x-request-id"] == "client-id.42"
+    assert echoed.json()["request_id"] == "client-id.42"  # the 401 body names it too
+    unsafe = keyed.get("/healthz", headers={"X-Request-ID": "bad id\n<script>"})
+    assert (
+        unsafe.headers["x-request-id"] != "bad id\n<script>"
+        and len(unsafe.headers["x-request-id"]) == 32
+    )
+    access = [r for r in caplog.records if r.name == "wsi_mil.service.access"]
+    assert any(
+        r.request_id == "client-id.42" and "/v1/models 401" in r.getMessage() for r in access
+    )
+    assert all(hasattr(r, "request_id") for r in caplog.records)
+
+
+def test_bugs_become_a_generic_500_without_stack_trace(
+    keyed: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_registry() -> None:
+        raise RuntimeError("secret internal detail /srv/models")
+
+    keyed.app.dependency_overrides[get_registry] = broken_registry
+    response = keyed.get("/v1/models", headers={"X-API-Key": KEY, "X-Request-ID": "trace-me"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body == {
+        "detail": "internal server error; quote the request id when reporting it",
+        "request_id": "trace-me",
+    }
+    assert response.headers["x-request-id"] == "trace-me"
+    assert "secret" not in response.text and "Traceback" not in response.text
+    logged = [r for r in caplog.records if r.name == "wsi_mil.service.errors"]
+    assert logged and logged[0].exc_info is not None and logged[0].request_id == "trace-me"
+
+
+def test_validation_errors_are_422_with_request_id(keyed: TestClient) -> None:
+    response = keyed.get("/v1/jobs", params={"limit": 0}, headers={"X-API-Key": KEY})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert body["detail"][0]["loc"] == ["query", "limit"]
+
+
+def test_cors_from_settings(make_settings) -> None:
+    settings = make_settings(
+        cors_origins="https://viewer.example.org, https://other.example.org", workers=0
+    )
+    assert settings.cors_origins == ["https://viewer.example.org", "https://other.example.org"]
+    with TestClient(create_app(settings)) as client:
+        allowed = client.options(
+            "/v1/models",
+            headers={
+                "Origin": "https://viewer.example.org",
+                "Access-Control-Request-Method": "GET",
+            },
+        )
+        assert allowed.headers["access-control-allow-origin"] == "https://viewer.example.org"
+        simple = client.get("/healthz", headers={"Origin": "https://viewer.example.org"})
+        assert "X-Request-ID" in simple.headers["access-control-expose-headers"]
+        denied = client.get("/healthz", headers={"Origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in denied.headers
+    with TestClient(create_app(make_settings(workers=0))) as client:
+        assert (
+            "access-control-allow-origin"
+            not in client.get("/healthz", headers={"Origin": "https://x.org"}).headers
+        )
+
+
+def test_metrics_count_requests_by_route_template(keyed: TestClient) -> None:
+    for _ in range(3):
+        keyed.get("/v1/jobs/" + "b" * 32, headers={"X-API-Key": KEY})
+    text = keyed.get("/metrics").text
+    assert (
+        'wsi_mil_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 3.0'
+        in text
+    )
+    assert 'wsi_mil_jobs{state="queued"} 0.0' in text
+    assert "wsi_mil_http_request_seconds_bucket" in text

@@ -1,0 +1,147 @@
+"""Heatmap maths: scales, exact tile-to-pixel placement, smoothing, colours, GeoJSON, map selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_mil.errors import HeatmapRequestError
+from wsi_mil.service.heatmaps import (
+    HeatmapOptions,
+    TileScores,
+    canvas_size,
+    colorize,
+    heatmap_geojson,
+    render_heatmap,
+    scale_scores,
+    score_grid,
+    smooth_grid,
+    top_tiles,
+)
+
+
+def scores(**overrides: object) -> TileScores:
+    values: dict[str, object] = {
+        "coords": np.array([[0, 0], [100, 0], [0, 100], [300, 200]], dtype=np.int64),
+        "tile_size_level0": 100,
+        "attention": np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32),
+        "maps": {"class_attention": np.array([[1, 2, 3, 4], [4, 3, 2, 1]], dtype=np.float32)},
+        "class_names": ("a", "b"),
+        "slide_width": 400,
+        "slide_height": 300,
+    }
+    values.update(overrides)
+    return TileScores(**values)  # type: ignore[arg-type]
+
+
+def test_scales() -> None:
+    values = np.array([5.0, 1.0, 3.0, 3.0])
+    assert scale_scores(values, "raw").tolist() == values.tolist()
+    assert scale_scores(values, "minmax").tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert scale_scores(values, "percentile").tolist() == [1.0, 0.25, 0.625, 0.625]
+    assert scale_scores(np.array([2.0, 2.0]), "minmax").tolist() == [0.5, 0.5]
+    with pytest.raises(HeatmapRequestError):
+        scale_scores(values, "softmax")  # type: ignore[arg-type]
+
+
+def test_tiles_land_on_their_level0_pixels() -> None:
+    tiles = scores()
+    grid = score_grid(
+        tiles, np.array([1.0, 2.0, 3.0, 4.0]), size=canvas_size(400, 300, max_size=40)
+    )
+    assert grid.shape == (30, 40)  # 10 level-0 px per pixel
+    assert (
+        np.all(grid[0:10, 0:10] == 1)
+        and np.all(grid[0:10, 10:20] == 2)
+        and np.all(grid[10:20, 0:10] == 3)
+    )
+    assert np.all(grid[20:30, 30:40] == 4)
+    assert np.isnan(grid[10:20, 10:20]).all() and np.isnan(grid[0:20, 20:40]).all()
+    # overlapping tiles average
+    overlap = scores(coords=np.array([[0, 0], [50, 0], [200, 200], [300, 200]]))
+    merged = score_grid(overlap, np.array([1.0, 3.0, 0.0, 0.0]), size=(40, 30))
+    assert merged[0, 2] == 1 and merged[0, 7] == 2 and merged[0, 12] == 3
+
+
+def test_smoothing_keeps_background_empty() -> None:
+    grid = np.full((20, 20), np.nan)
+    grid[5:15, 5:15] = 0.0
+    grid[5:10, 5:15] = 1.0
+    smooth = smooth_grid(grid, 2.0)
+    assert np.isnan(smooth[:5]).all() and np.isnan(smooth[:, :5]).all()
+    assert 0 < smooth[9, 9] < 1 and smooth[5, 5] > smooth[14, 14]
+    assert smooth_grid(grid, 0) is grid
+
+
+def test_colours_and_transparency() -> None:
+    grid = np.array([[0.0, 1.0, np.nan]])
+    rgba = colorize(grid, cmap="jet", vmin=0, vmax=1, alpha=0.5)
+    assert rgba.shape == (1, 3, 4) and rgba[0, 2, 3] == 0 and rgba[0, 0, 3] == 128
+    assert rgba[0, 0, 2] > rgba[0, 0, 0] and rgba[0, 1, 0] > rgba[0, 1, 2]  # blue low, red high
+    with pytest.raises(HeatmapRequestError, match="colormap"):
+        colorize(grid, cmap="nope", vmin=0, vmax=1, alpha=1)
+
+
+def test_render_modes_and_tissue_mask() -> None:
+    from PIL import Image
+
+    tiles = scores()
+    overlay = render_heatmap(tiles, HeatmapOptions(background="none", max_size=40, alpha=1.0))
+    assert overlay.mode == "RGBA" and overlay.size == (40, 30)
+    mask = Image.new("L", (4, 3), 255)
+    mask.putpixel((0, 0), 0)  # no tissue in the first tile
+    masked = np.asarray(
+        render_heatmap(tiles, HeatmapOptions(background="none", max_size=40), tissue_mask=mask)
+    )
+    assert masked[0:10, 0:10, 3].max() == 0 and masked[0:10, 10:20, 3].min() > 0
+    thumbnail = Image.new("RGB", (8, 6), (10, 200, 10))
+    blended = np.asarray(
+        render_heatmap(tiles, HeatmapOptions(max_size=40, alpha=0.5), thumbnail=thumbnail)
+    )
+    assert blended.shape == (30, 40, 3)
+    assert tuple(blended[15, 15]) == (10, 200, 10)  # no tile: thumbnail unchanged
+
+
+def test_select_maps_and_classes() -> None:
+    tiles = scores()
+    assert tiles.select()[1] == "attention"
+    values, label = tiles.select(class_index=1)
+    assert values.tolist() == [4, 3, 2, 1] and label == "class_attention[b]"
+    with pytest.raises(HeatmapRequestError, match="out of range"):
+        tiles.select(class_index=2)
+    plain = scores(maps={"attention_logits": np.zeros((1, 4), dtype=np.float32)})
+    with pytest.raises(HeatmapRequestError, match="no per-class map"):
+        plain.select(class_index=0)
+    assert plain.select("attention_logits")[1] == "attention_logits[0]"
+    with pytest.raises(ValueError, match="must be"):
+        scores(attention=np.zeros(3))
+
+
+def test_geojson_is_qupath_tiles_with_measurements() -> None:
+    collection = heatmap_geojson(scores(), name="job/slide")
+    feature = collection["features"][3]
+    assert feature["geometry"]["coordinates"] == [
+        [[300, 200], [400, 200], [400, 300], [300, 300], [300, 200]]
+    ]
+    assert feature["properties"]["objectType"] == "tile"
+    measurements = feature["properties"]["measurements"]
+    assert (
+        measurements["attention"] == pytest.approx(0.4) and measurements["attention_minmax"] == 1.0
+    )
+    assert measurements["class_attention_a"] == 4 and measurements["class_attention_b"] == 1
+    assert (
+        heatmap_geojson(scores(), name="job/slide")["features"][0]["id"]
+        == collection["features"][0]["id"]
+    )
+    assert len({f["id"] for f in collection["features"]}) == 4
+
+
+def test_save_load_round_trip_and_top_tiles(tmp_path: Path) -> None:
+    tiles = scores()
+    tiles.save(tmp_path / "s.npz")
+    loaded = TileScores.load(tmp_path / "s.npz")
+    assert loaded.class_names == ("a", "b") and loaded.slide_width == 400
+    np.testing.assert_array_equal(loaded.maps["class_attention"], tiles.maps["class_attention"])
+    assert top_tiles(np.array([0.1, 0.5, 0.5, 0.2]), 3).tolist() == [1, 2, 3]

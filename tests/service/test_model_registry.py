@@ -1,0 +1,94 @@
+"""Loading model folders and training-run folds, their preprocessing contracts, and bad folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wsi_mil.errors import UnknownModelError
+from wsi_mil.service.model_registry import ModelRegistry
+from wsi_mil.training.config import TrainConfig, save_config
+
+
+def test_model_folders_and_run_folds_are_served(model_folder, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    model_folder(root / "single")
+    model_folder(root / "group" / "nested", class_names=("a", "b", "c"))
+    run = root / "run1"
+    run.mkdir(parents=True)
+    save_config(TrainConfig(), run / "config.yaml")
+    for fold in (0, 1):
+        model_folder(run / f"fold_{fold}", fold=fold, seed=fold)
+    registry = ModelRegistry.load(root, device="cpu")
+    assert registry.names() == ["group/nested", "run1/fold_0", "run1/fold_1", "single"]
+    assert registry.problems == {}
+    assert registry.get("run1/fold_1").card.fold == 1
+    assert registry.get("group/nested").card.class_names == ["a", "b", "c"]
+    served = registry.get("single")
+    assert not served.model.training
+    assert served.preprocessing_source == "card" and served.slide_job_problem is None
+    assert (
+        served.preprocessing.encoder == "test-encoder" and served.preprocessing.tiling.tile_px == 64
+    )
+    output = served.predict(np.random.default_rng(0).normal(size=(9, 32)).astype(np.float32))
+    assert output.logits.shape == (1, 2) and output.attention.shape == (1, 9)
+    saved = (root / "single" / "model.safetensors").read_bytes()
+    assert served.weights_sha256 == hashlib.sha256(saved).hexdigest()
+    reference = load_file(str(root / "single" / "model.safetensors"))
+    for key, value in served.model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    with pytest.raises(UnknownModelError, match="served models: group/nested, run1/fold_0"):
+        registry.get("missing")
+
+
+def test_bad_folders_are_reported_not_fatal(model_folder, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    model_folder(root / "good")
+    (root / "not_json").mkdir()
+    (root / "not_json" / "model_card.json").write_text("[1, 2")
+    model_folder(root / "no_weights")
+    (root / "no_weights" / "model.safetensors").unlink()
+    wrong = model_folder(root / "wrong_shape")
+    card = json.loads((wrong / "model_card.json").read_text())
+    card["feature_contract"]["feature_dim"] = 64
+    (wrong / "model_card.json").write_text(json.dumps(card))
+    unknown = model_folder(root / "unknown_arch")
+    card = json.loads((unknown / "model_card.json").read_text())
+    card["model_name"] = "no_such_model"
+    (unknown / "model_card.json").write_text(json.dumps(card))
+    registry = ModelRegistry.load(root, device="cpu")
+    assert registry.names() == ["good"]
+    assert set(registry.problems) == {"not_json", "no_weights", "wrong_shape", "unknown_arch"}
+    assert "no_such_model" in registry.problems["unknown_arch"]
+    assert (
+        "WSI_MIL_MODELS_DIR"
+        in ModelRegistry.load(tmp_path / "absent").problems[str(tmp_path / "absent")]
+    )
+
+
+def test_preprocessing_contracts(model_folder, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    model_folder(root / "derived", preprocessing=False)
+    model_folder(root / "features_only", preprocessing=False, encoder=None)
+    model_folder(root / "mismatch", tiling={"target_mpp": 1.0, "tile_px": 64})
+    card = json.loads((root / "mismatch" / "model_card.json").read_text())
+    card["preprocessing"]["tiling"]["tile_px"] = 128
+    (root / "mismatch" / "model_card.json").write_text(json.dumps(card))
+    model_folder(root / "bad_encoder", encoder="no-such-encoder")
+    model_folder(root / "relative_weights", weights="enc.safetensors")
+    (root / "relative_weights" / "enc.safetensors").write_bytes(b"")
+    registry = ModelRegistry.load(root, device="cpu")
+    derived = registry.get("derived")
+    assert derived.preprocessing_source == "feature_contract" and derived.slide_job_problem is None
+    assert derived.preprocessing.encoder == "test-encoder" and derived.preprocessing.weights is None
+    assert "only feature-file predictions" in registry.get("features_only").slide_job_problem
+    assert "tile_px=128" in registry.get("mismatch").slide_job_problem
+    assert "no-such-encoder" in registry.get("bad_encoder").slide_job_problem
+    weights = registry.get("relative_weights").preprocessing.weights
+    assert weights == str(root / "relative_weights" / "enc.safetensors")

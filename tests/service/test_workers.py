@@ -1,0 +1,91 @@
+"""The worker pool: shutdown re-queues, cancellation, failures with reasons, expiry purge."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from wsi_mil.service.job_store import JobStore
+from wsi_mil.service.model_registry import ModelRegistry
+from wsi_mil.service.workers import JobPaths, WorkerPool
+
+
+@pytest.fixture()
+def pool_parts(make_settings, model_folder, lesion_slide, tmp_path: Path):
+    settings = make_settings(workers=0, result_ttl_hours=1)
+    model_folder(tmp_path / "models" / "random_abmil")
+    model_folder(
+        tmp_path / "models" / "missing_weights", weights="/nonexistent/encoder.safetensors"
+    )
+    shutil.copy(lesion_slide.path, tmp_path / "slides" / "lesion.tiff")
+    store = JobStore(settings.database_path)
+    registry = ModelRegistry.load(settings.models_dir, device="cpu")
+    return settings, store, registry, tmp_path / "slides" / "lesion.tiff"
+
+
+def submit(store: JobStore, slide: Path, model: str = "random_abmil") -> str:
+    return store.create(model=model, slide_path=slide, slide_name=slide.name, source="path").id
+
+
+def test_a_job_interrupted_by_shutdown_is_requeued(pool_parts) -> None:
+    settings, store, registry, slide = pool_parts
+    job_id = submit(store, slide)
+    pool = WorkerPool(store, registry, settings=settings)
+    pool.stop()
+    pool.run_job(store.claim_next())
+    job = store.get(job_id)
+    assert job.state == "queued" and job.attempts == 1
+    assert not JobPaths(settings.data_dir, job_id).work_dir.exists()
+    fresh = WorkerPool(store, registry, settings=settings)
+    fresh.run_job(store.claim_next())
+    assert store.get(job_id).state == "done"
+
+
+def test_start_requeues_jobs_a_dead_process_left_running(pool_parts) -> None:
+    settings, store, registry, slide = pool_parts
+    job_id = submit(store, slide)
+    store.claim_next()
+    pool = WorkerPool(store, registry, settings=settings)
+    pool.start()
+    try:
+        assert store.get(job_id).state == "queued"
+    finally:
+        pool.stop()
+
+
+def test_cancelling_a_running_job(pool_parts) -> None:
+    settings, store, registry, slide = pool_parts
+    job_id = submit(store, slide)
+    job = store.claim_next()
+    store.request_cancel(job_id, ttl_seconds=60)
+    WorkerPool(store, registry, settings=settings).run_job(job)
+    cancelled = store.get(job_id)
+    assert cancelled.state == "cancelled" and cancelled.error == "cancelled while running"
+    assert not JobPaths(settings.data_dir, job_id).result_dir.exists()
+
+
+def test_failures_carry_the_reason(pool_parts) -> None:
+    settings, store, registry, slide = pool_parts
+    pool = WorkerPool(store, registry, settings=settings)
+    no_weights = submit(store, slide, model="missing_weights")
+    pool.run_job(store.claim_next())
+    assert "nonexistent" in store.get(no_weights).error
+    gone = submit(store, slide, model="removed_model")
+    pool.run_job(store.claim_next())
+    assert "no model named 'removed_model'" in store.get(gone).error
+    assert store.get(gone).state == "failed"
+
+
+def test_expired_jobs_are_purged_with_their_files(pool_parts) -> None:
+    settings, store, registry, slide = pool_parts
+    pool = WorkerPool(store, registry, settings=settings)
+    job_id = submit(store, slide)
+    pool.run_job(store.claim_next())
+    paths = JobPaths(settings.data_dir, job_id)
+    assert paths.scores.is_file() and paths.thumbnail.is_file() and paths.features.is_file()
+    assert pool.purge_expired() == 0
+    assert pool.purge_expired(time.time() + 2 * 3600) == 1
+    assert store.get(job_id) is None and not paths.result_dir.exists()

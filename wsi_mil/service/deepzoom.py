@@ -1,0 +1,123 @@
+"""Deep Zoom tiles of a job's slide for OpenSeadragon, from openslide's `DeepZoomGenerator`.
+
+Generators are cached per slide file in a bounded LRU, so a viewer's hundreds of tile requests
+reuse one open OpenSlide handle. Tile geometry follows openslide's DeepZoom server: 254 px tiles
+with a 1 px overlap (256 px per request), `limit_bounds=True`; `bounds` says which level-0 region
+the Deep Zoom image covers so overlays in level-0 pixels can be placed on it.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import openslide
+from openslide.deepzoom import DeepZoomGenerator
+
+from wsi_mil.errors import SlideOpenError, TileNotFoundError
+
+TILE_SIZE = 254
+OVERLAP = 1
+JPEG_QUALITY = 80
+
+
+@dataclass(frozen=True)
+class SlideDeepZoom:
+    """One slide's Deep Zoom pyramid; `bounds` `(x, y, w, h)` is the level-0 region it shows."""
+
+    generator: DeepZoomGenerator
+    bounds: tuple[int, int, int, int]
+
+    def dzi_xml(self) -> str:
+        """The `.dzi` descriptor OpenSeadragon reads (JPEG tiles)."""
+        return self.generator.get_dzi("jpeg")
+
+    def tile_jpeg(self, level: int, address: tuple[int, int]) -> bytes:
+        """JPEG bytes of the tile at `address` = (col, row); `TileNotFoundError` outside the pyramid."""
+        col, row = address
+        if not 0 <= level < self.generator.level_count:
+            raise TileNotFoundError(f"level {level} is outside 0..{self.generator.level_count - 1}")
+        cols, rows = self.generator.level_tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise TileNotFoundError(
+                f"tile ({col}, {row}) is outside level {level}'s {cols}x{rows} tiles"
+            )
+        try:
+            tile = self.generator.get_tile(level, address)
+        except openslide.OpenSlideError as err:
+            raise SlideOpenError(
+                f"reading Deep Zoom tile {level}/{col}_{row} failed: {err}"
+            ) from err
+        buffer = io.BytesIO()
+        tile.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        return buffer.getvalue()
+
+
+def slide_bounds(
+    properties: Mapping[str, str], dimensions: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The level-0 region `(x, y, w, h)` a `limit_bounds` Deep Zoom image shows (whole slide if unset)."""
+    width, height = dimensions
+    x = int(properties.get(openslide.PROPERTY_NAME_BOUNDS_X, 0))
+    y = int(properties.get(openslide.PROPERTY_NAME_BOUNDS_Y, 0))
+    w = int(properties.get(openslide.PROPERTY_NAME_BOUNDS_WIDTH, width))
+    h = int(properties.get(openslide.PROPERTY_NAME_BOUNDS_HEIGHT, height))
+    return x, y, w, h
+
+
+def open_deepzoom(path: str | Path) -> SlideDeepZoom:
+    """Open `path` with OpenSlide and wrap it in a Deep Zoom generator; raises `SlideOpenError`."""
+    try:
+        slide = openslide.OpenSlide(Path(path))
+        generator = DeepZoomGenerator(
+            slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=True
+        )
+        return SlideDeepZoom(generator, slide_bounds(slide.properties, slide.dimensions))
+    except (openslide.OpenSlideError, OSError, ValueError) as err:
+        raise SlideOpenError(f"{Path(path).name}: cannot open for Deep Zoom: {err}") from err
+
+
+class DeepZoomCache:
+    """At most `capacity` open Deep Zoom generators, least recently used evicted; thread-safe.
+
+    An evicted generator is not closed explicitly (a request may still be reading from it); its
+    OpenSlide handle closes when the last reference goes.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Path, SlideDeepZoom] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, path: str | Path) -> SlideDeepZoom:
+        """The slide's Deep Zoom generator, opened on first use (raises `SlideOpenError`)."""
+        key = Path(path).resolve()
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                return item
+        item = open_deepzoom(key)
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return item
+
+    def forget(self, path: str | Path) -> None:
+        """Drop a slide's generator (its file is about to be deleted)."""
+        with self._lock:
+            self._items.pop(Path(path).resolve(), None)
+
+    def clear(self) -> None:
+        """Drop every cached generator."""
+        with self._lock:
+            self._items.clear()

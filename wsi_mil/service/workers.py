@@ -1,0 +1,400 @@
+"""The slide-job worker pool: preprocess a slide with the model card's contract, run the model, store results.
+
+Threads, not processes: the heavy parts (OpenSlide decoding, the encoder and the MIL model in
+torch, HDF5 I/O) release the GIL, so threads run them in parallel while sharing one copy of every
+loaded model and encoder; progress and cancellation are plain shared state, and nothing has to
+be pickled. A job's results are built in `jobs/<id>.tmp-*` and renamed to `jobs/<id>` in one step,
+so a reader never sees half a result. Jobs left `running` by a stopped service are re-queued at
+start-up, and expired jobs are purged with their files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from wsi_mil.errors import JobCancelledError, WsiMilError
+from wsi_mil.preprocessing.encoders import Encoder, load_encoder
+from wsi_mil.preprocessing.feature_file import FeatureBag, read_feature_file
+from wsi_mil.preprocessing.pipeline import (
+    OutputPaths,
+    PreprocessConfig,
+    SlideResult,
+    preprocess_slide,
+)
+from wsi_mil.preprocessing.slide import open_slide
+from wsi_mil.service.deepzoom import DeepZoomCache, slide_bounds
+from wsi_mil.service.heatmaps import TileScores, canvas_size
+from wsi_mil.service.inference import BagPrediction, predict_bag
+from wsi_mil.service.job_store import JobRecord, JobStore
+from wsi_mil.service.model_registry import ModelRegistry, ServedModel
+from wsi_mil.service.observability import request_id_var
+from wsi_mil.service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_MAX_SIZE = 2048
+ENCODER_CACHE_SIZE = 2
+# Share of a job's progress bar before feature extraction starts and after it ends.
+_PROGRESS_FEATURES_START = 0.1
+_PROGRESS_FEATURES_END = 0.9
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where one job's files live under the data folder."""
+
+    data_dir: Path
+    job_id: str
+
+    @property
+    def upload_dir(self) -> Path:
+        """Where an uploaded slide is kept until the job expires."""
+        return self.data_dir / "uploads" / self.job_id
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch folder of the running job (preprocessing outputs)."""
+        return self.data_dir / "work" / self.job_id
+
+    @property
+    def result_dir(self) -> Path:
+        """The finished job's results (renamed into place in one step)."""
+        return self.data_dir / "jobs" / self.job_id
+
+    @property
+    def features(self) -> Path:
+        """The slide's feature file."""
+        return self.result_dir / "features.h5"
+
+    @property
+    def scores(self) -> Path:
+        """Per-tile scores (`TileScores` .npz)."""
+        return self.result_dir / "scores.npz"
+
+    @property
+    def prediction(self) -> Path:
+        """The slide-level result as JSON."""
+        return self.result_dir / "prediction.json"
+
+    @property
+    def thumbnail(self) -> Path:
+        """The slide thumbnail heatmaps are drawn on."""
+        return self.result_dir / "thumbnail.png"
+
+    @property
+    def tissue_mask(self) -> Path:
+        """The tissue mask heatmaps are clipped to."""
+        return self.result_dir / "tissue_mask.png"
+
+    def remove_all(self) -> None:
+        """Delete the job's upload, scratch and result folders (missing ones are fine)."""
+        for folder in (self.upload_dir, self.work_dir, self.result_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class EncoderCache:
+    """Loaded patch encoders keyed by (name, weights, device), least recently used evicted; thread-safe."""
+
+    def __init__(self, capacity: int = ENCODER_CACHE_SIZE) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str | None, str], Encoder] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str, *, weights: str | None, device: torch.device) -> Encoder:
+        """The encoder, loaded on first use."""
+        key = (name, weights, str(device))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            encoder = load_encoder(name, weights=weights, device=device)
+            self._items[key] = encoder
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+            return encoder
+
+
+class WorkerPool:
+    """`settings.workers` threads that take queued jobs from the store and run them.
+
+    `start()` re-queues jobs a previous process left running; `stop()` interrupts running jobs at
+    their next batch and puts them back in the queue, so a restart continues them.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        registry: ModelRegistry,
+        *,
+        settings: ServiceSettings,
+        deepzoom: DeepZoomCache | None = None,
+        encoders: EncoderCache | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.deepzoom = deepzoom
+        self.encoders = encoders or EncoderCache()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Re-queue orphaned jobs, purge expired ones, start the worker and purge threads."""
+        requeued = self.store.requeue_running()
+        if requeued:
+            log.info("re-queued %d job(s) left running by a previous service process", requeued)
+        self.purge_expired()
+        for index in range(self.settings.workers):
+            thread = threading.Thread(
+                target=self._work_loop, name=f"wsi-mil-job-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        purger = threading.Thread(target=self._purge_loop, name="wsi-mil-purge", daemon=True)
+        purger.start()
+        self._threads.append(purger)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs, interrupt running ones (they are re-queued) and join the threads."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+    def wake(self) -> None:
+        """Tell idle workers a job was queued."""
+        self._wake.set()
+
+    @property
+    def alive_workers(self) -> int:
+        """Job worker threads that are running."""
+        return sum(t.is_alive() and t.name.startswith("wsi-mil-job-") for t in self._threads)
+
+    # -- loops -----------------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stopping.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            token = request_id_var.set(job.request_id or f"job-{job.id[:8]}")
+            try:
+                self.run_job(job)
+            finally:
+                request_id_var.reset(token)
+
+    def _purge_loop(self) -> None:
+        while not self._stopping.wait(self.settings.purge_interval_s):
+            self.purge_expired()
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete finished jobs past their expiry, with their uploads and results; returns how many."""
+        purged = 0
+        for job in self.store.expired(now):
+            paths = JobPaths(self.settings.data_dir, job.id)
+            if self.deepzoom is not None and job.source == "upload":
+                self.deepzoom.forget(job.slide_path)
+            paths.remove_all()
+            purged += self.store.delete(job.id)
+        if purged:
+            log.info("purged %d expired job(s)", purged)
+        return purged
+
+    # -- one job ---------------------------------------------------------------------------------
+
+    def run_job(self, job: JobRecord) -> None:
+        """Run one claimed job to a terminal state (or back to the queue when the pool stops)."""
+        paths = JobPaths(self.settings.data_dir, job.id)
+        ttl = self.settings.result_ttl_hours * 3600
+        started = time.perf_counter()
+        log.info("job %s: started (model %s, slide %s)", job.id, job.model, job.slide_name)
+        try:
+            result = self._process(job, paths)
+        except JobCancelledError:
+            shutil.rmtree(paths.work_dir, ignore_errors=True)
+            if (
+                self._stopping.is_set()
+                and self.store.get(job.id) is not None
+                and not self.store.is_cancel_requested(job.id)
+            ):
+                self.store.requeue(job.id)
+                log.info("job %s: interrupted by shutdown, re-queued", job.id)
+                return
+            self._finish_cancelled(job, paths, ttl)
+            return
+        except WsiMilError as err:
+            shutil.rmtree(paths.work_dir, ignore_errors=True)
+            self.store.finish(job.id, "failed", ttl_seconds=ttl, error=str(err))
+            log.info("job %s: failed: %s", job.id, err)
+            return
+        except Exception:
+            shutil.rmtree(paths.work_dir, ignore_errors=True)
+            log.exception("job %s: unexpected error", job.id)
+            self.store.finish(
+                job.id,
+                "failed",
+                ttl_seconds=ttl,
+                error="internal error while running the job (logged on the server)",
+            )
+            return
+        if self.store.get(job.id) is None:  # deleted while it ran
+            paths.remove_all()
+            return
+        self.store.finish(job.id, "done", ttl_seconds=ttl, result=result)
+        log.info(
+            "job %s: done in %.1f s (%s)",
+            job.id,
+            time.perf_counter() - started,
+            result["predicted_class"],
+        )
+
+    def _finish_cancelled(self, job: JobRecord, paths: JobPaths, ttl: float) -> None:
+        if self.store.get(job.id) is None:
+            paths.remove_all()
+            return
+        self.store.finish(job.id, "cancelled", ttl_seconds=ttl, error="cancelled while running")
+        log.info("job %s: cancelled", job.id)
+
+    def _check_continue(self, job_id: str) -> None:
+        if self._stopping.is_set():
+            raise JobCancelledError("the service is shutting down")
+        if self.store.is_cancel_requested(job_id):
+            raise JobCancelledError("the job was cancelled")
+
+    def _config_for(self, served: ServedModel) -> PreprocessConfig:
+        if served.preprocessing is None or served.slide_job_problem is not None:
+            raise WsiMilError(
+                f"model {served.name!r} cannot run slide jobs: {served.slide_job_problem}"
+            )
+        return served.preprocessing.model_copy(
+            update={
+                "batch_size": self.settings.batch_size,
+                "num_workers": self.settings.tile_workers,
+                "device": str(served.device),
+            }
+        )
+
+    def _process(self, job: JobRecord, paths: JobPaths) -> dict[str, Any]:
+        served = self.registry.get(job.model)
+        config = self._config_for(served)
+        shutil.rmtree(paths.work_dir, ignore_errors=True)
+        self._check_continue(job.id)
+        self.store.update_progress(job.id, 0.02, stage="loading encoder")
+        encoder = self.encoders.get(config.encoder, weights=config.weights, device=served.device)
+        self._check_continue(job.id)
+        self.store.update_progress(job.id, 0.05, stage="tissue and tiling")
+        last_report = [0.0]
+
+        def on_tiles(done: int, total: int) -> None:
+            self._check_continue(job.id)
+            now = time.monotonic()
+            if now - last_report[0] >= 0.5 or done == total:
+                last_report[0] = now
+                share = _PROGRESS_FEATURES_END - _PROGRESS_FEATURES_START
+                self.store.update_progress(
+                    job.id, _PROGRESS_FEATURES_START + share * done / total, stage="features"
+                )
+
+        slide_id = Path(job.slide_name).stem or "slide"
+        outcome = preprocess_slide(
+            job.slide_path,
+            paths.work_dir,
+            config,
+            slide_id=slide_id,
+            mpp_override=job.mpp_override,
+            encoder=encoder,
+            on_tiles=on_tiles,
+        )
+        self._check_continue(job.id)
+        if outcome.status == "no_tissue":
+            raise WsiMilError(f"no tissue: {outcome.reason}")
+        if outcome.status != "done" or outcome.feature_path is None:
+            raise WsiMilError(outcome.reason or f"preprocessing ended with status {outcome.status}")
+        self.store.update_progress(job.id, 0.92, stage="model")
+        bag = read_feature_file(outcome.feature_path)
+        prediction = predict_bag(served, bag, source=job.slide_name)
+        if bag.coords is None or bag.tile_size_level0 is None:
+            raise WsiMilError("the feature file has no tile coordinates; heatmaps cannot be drawn")
+        self._check_continue(job.id)
+        self.store.update_progress(job.id, 0.96, stage="saving results")
+        return self._write_results(
+            job,
+            paths,
+            served=served,
+            slide_id=slide_id,
+            outcome=outcome,
+            bag=bag,
+            prediction=prediction,
+        )
+
+    def _write_results(
+        self,
+        job: JobRecord,
+        paths: JobPaths,
+        *,
+        served: ServedModel,
+        slide_id: str,
+        outcome: SlideResult,
+        bag: FeatureBag,
+        prediction: BagPrediction,
+    ) -> dict[str, Any]:
+        work = OutputPaths(paths.work_dir, slide_id)
+        staging = paths.result_dir.with_name(f"{job.id}.tmp-{os.getpid()}-{threading.get_ident()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with open_slide(job.slide_path, mpp_override=job.mpp_override) as slide:
+            width, height = slide.dimensions
+            bounds = slide_bounds(slide.properties, slide.dimensions)
+            thumbnail = slide.read_resampled(
+                canvas_size(width, height, max_size=THUMBNAIL_MAX_SIZE)
+            )
+        Image.fromarray(thumbnail).save(staging / paths.thumbnail.name)
+        scores = TileScores(
+            coords=bag.coords,
+            tile_size_level0=int(bag.tile_size_level0),
+            attention=prediction.attention,
+            maps=prediction.maps,
+            class_names=prediction.class_names,
+            slide_width=width,
+            slide_height=height,
+        )
+        scores.save(staging / paths.scores.name)
+        os.replace(outcome.feature_path, staging / paths.features.name)
+        if work.mask.exists():
+            os.replace(work.mask, staging / paths.tissue_mask.name)
+        result = {
+            "slide_id": slide_id,
+            "model": served.name,
+            **prediction.summary(),
+            "tile_size_level0": int(bag.tile_size_level0),
+            "mpp": outcome.mpp,
+            "mpp_source": outcome.mpp_source,
+            "slide_width": width,
+            "slide_height": height,
+            "bounds": list(bounds),
+            "timings": dict(outcome.timings),
+        }
+        (staging / paths.prediction.name).write_text(json.dumps(result, indent=2))
+        shutil.rmtree(paths.result_dir, ignore_errors=True)
+        os.replace(staging, paths.result_dir)
+        shutil.rmtree(paths.work_dir, ignore_errors=True)
+        return result
