@@ -170,18 +170,33 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="demo folder")] = Path("demo_out"),
     slides: Annotated[int, typer.Option(help="number of synthetic slides (4-6 recommended)")] = 6,
     encoder: Annotated[str, typer.Option(help="encoder (random weights)")] = "resnet50-trunc",
+    epochs: Annotated[int, typer.Option(help="training epochs per fold")] = 30,
+    serve: Annotated[bool, typer.Option(help="end by serving the demo model (Ctrl-C stops)")] = True,
+    host: Annotated[str, typer.Option(help="service host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="service port")] = 8000,
 ) -> None:
-    """Synthesise a small cohort of pyramidal TIFF slides and preprocess it (random encoder weights)."""
-    from wsi_mil.demo import make_demo_cohort
+    """The main job on a built-in demo: synthetic slides → features → a trained model → the service."""
+    from wsi_mil.demo.run import preprocess_demo, serve_demo, train_demo
 
-    console.rule("wsi-mil demo: 1/1 synthetic cohort → features")
-    cohort = make_demo_cohort(out / "slides", num_slides=slides)
-    console.print(f"wrote {len(cohort)} synthetic slides to {out / 'slides'} (labels: {out / 'slides' / 'labels.csv'})")
-    config = PreprocessConfig(encoder=encoder, weights="random", num_workers=2)
-    tasks = find_slides([str(out / "slides")])
-    results = _run_with_progress(tasks, out / "preprocessed", config, "local", 1, None, None)
-    _print_summary(results, out / "preprocessed")
-    console.print(f"feature files: {out / 'preprocessed' / 'features'}")
-    console.print(f"QC thumbnails: {out / 'preprocessed' / 'qc'}   tissue GeoJSON: {out / 'preprocessed' / 'tissue'}")
-    if any(r.status == "failed" for r in results):
-        raise typer.Exit(1)
+    try:
+        console.rule("wsi-mil demo 1/3: synthetic cohort → features (random encoder weights)")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            overall = progress.add_task("slides", total=slides)
+            cohort, results = preprocess_demo(out, slides=slides, encoder=encoder,
+                                              on_result=lambda _r: progress.advance(overall))
+        _print_summary(results, out / "preprocessed")
+        console.print(f"slides: {out / 'slides'}   QC thumbnails: {out / 'preprocessed' / 'qc'}")
+        if any(r.status == "failed" for r in results):
+            raise typer.Exit(1)
+        console.rule("wsi-mil demo 2/3: train ABMIL, 3-fold cross-validation")
+        run = train_demo(out, epochs=epochs)
+        metrics = json.loads((run / "metrics.json").read_text())
+        console.print(f"run folder: {run}   metrics: {run / 'metrics.json'}")
+        console.print_json(json.dumps(metrics.get("summary", metrics), default=str)[:4000])
+        if serve:
+            console.rule("wsi-mil demo 3/3: the service, one slide job, the viewer")
+            serve_demo(out, cohort, host=host, port=port, console=console, keep_serving=True)
+    except WsiMilError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err

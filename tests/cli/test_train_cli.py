@@ -1,0 +1,127 @@
+"""`wsi-mil train / evaluate / predict` through typer's CliRunner on a small cohort of feature files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from wsi_mil.cli import _register_commands, app
+from wsi_mil.training.benchmarks_data import write_feature_cohort
+from wsi_mil.training.methods.base import Bag
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path]:
+    """16 bags of 8-d features; class 1 bags hold a few instances shifted along the first axis."""
+    _register_commands()
+    root = tmp_path_factory.mktemp("cli_cohort")
+    generator = torch.Generator().manual_seed(0)
+    bags = []
+    for i in range(16):
+        features = torch.randn(int(torch.randint(4, 12, (1,), generator=generator)), 8, generator=generator)
+        features[:2, 0] += 4.0 * (i % 2)
+        bags.append(Bag(features, i % 2, f"slide_{i:02d}"))
+    write_feature_cohort(bags, root / "features", root / "labels.csv", class_names=["normal", "tumour"])
+    return root / "features", root / "labels.csv"
+
+
+def _train(cohort: tuple[Path, Path], out: Path, *extra: str):
+    features, labels = cohort
+    return runner.invoke(
+        app,
+        ["train", "--features", str(features), "--labels", str(labels), "--model", "abmil", "--out", str(out),
+         "--folds", "2", "--epochs", "2", "--seed", "3", "--device", "cpu", *extra],
+    )
+
+
+def test_train_evaluate_predict(cohort, tmp_path):
+    out = tmp_path / "run"
+    result = _train(cohort, out, "--method", "aem", "--lr", "0.001", "--batch-size", "2", "--max-instances", "6")
+    assert result.exit_code == 0, result.output
+    assert "test (mean ± sd over folds)" in result.output and "roc_auc_macro" in result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["method"], saved["folds"], saved["epochs"], saved["seed"]) == ("aem", 2, 2, 3)
+    assert (saved["lr"], saved["batch_size"], saved["max_instances"]) == (0.001, 2, 6)
+    assert (out / "fold_1" / "model_card.json").exists()
+
+    result = runner.invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy_micro" in result.output
+
+    features = cohort[0]
+    result = runner.invoke(app, ["predict", str(out), str(features / "slide_01.h5"), str(features / "slide_02.h5"),
+                                 "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    assert "slide_01" in result.output
+    payload = json.loads((tmp_path / "p.json").read_text())
+    assert [p["slide_id"] for p in payload] == ["slide_01", "slide_02"]
+    assert set(payload[0]["probabilities"]) == {"normal", "tumour"}
+    result = runner.invoke(app, ["predict", str(out), str(features / "slide_01.h5"), "--fold", "1",
+                                 "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.csv").read_text().startswith("slide_id,fold,predicted,prob_normal,prob_tumour,tile_index")
+
+
+def test_flags_override_the_yaml_config(cohort, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"epochs": 5, "lr": 0.01, "model_kwargs": {"hidden_dim": 16, "attention_dim": 8},
+                                      "patience": 3, "bootstrap_samples": 20}))
+    out = tmp_path / "run"
+    result = _train(cohort, out, "--config", str(config), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 1  # the flag wins
+    assert (saved["lr"], saved["patience"], saved["bootstrap_samples"]) == (0.01, 3, 20)  # from the YAML
+    assert saved["model_kwargs"] == {"hidden_dim": 16, "attention_dim": 8}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown training method 'nope'"),
+        (["--lr", "-1"], "lr: Input should be greater than 0"),
+        (["--model", "abmil_typo"], "unknown model 'abmil_typo'"),
+    ],
+)
+def test_errors_exit_with_a_message_not_a_traceback(cohort, tmp_path, args, message):
+    result = _train(cohort, tmp_path / "run", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_drop_missing_flag(cohort, tmp_path):
+    features, labels = cohort
+    with_ghost = tmp_path / "labels.csv"
+    with_ghost.write_text(labels.read_text() + "ghost,tumour,ghost\n")
+    args = ["train", "--features", str(features), "--labels", str(with_ghost), "--out", str(tmp_path / "run"),
+            "--folds", "2", "--epochs", "1", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "ghost" in result.output and "--drop-missing" in result.output
+    result = runner.invoke(app, [*args, "--drop-missing"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["drop_missing_features"] is True
+
+
+def test_missing_inputs_and_runs_are_reported(tmp_path):
+    _register_commands()
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--features DIR --labels CSV" in result.output
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a run folder" in result.output

@@ -1,0 +1,229 @@
+"""Run folders end to end: layout, model card, metrics, predictions, resume, no test leakage, serving."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_mil import __version__
+from wsi_mil.errors import FeatureContractError, RunFolderError
+from wsi_mil.training import evaluate_run, load_model_from_run, predict, train_cohort
+from wsi_mil.training.benchmarks_data import write_feature_cohort
+from wsi_mil.training.cohort import Cohort
+from wsi_mil.training.config import TrainConfig, load_config
+from wsi_mil.training.metrics import SCALAR_METRICS
+from wsi_mil.training.run import RunLayout, read_model_card, save_predictions
+from wsi_mil.training.splits import load_split
+
+
+class Interrupted(Exception):
+    """Raised from the epoch callback to simulate a run killed mid-fold."""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bag_factory):
+    """One finished 2-fold run on a 40-slide cohort (shared by the read-only tests below)."""
+    root = tmp_path_factory.mktemp("trained")
+    bags = bag_factory(40, seed=11)
+    write_feature_cohort(bags, root / "features", root / "labels.csv", class_names=["benign", "tumour"],
+                         case_ids=[f"p{i // 2}" for i in range(40)])
+    config = TrainConfig(
+        features_dir=root / "features", labels_csv=root / "labels.csv", model="abmil",
+        model_kwargs={"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0}, folds=2, epochs=6, lr=5e-3,
+        bootstrap_samples=50, top_k_tiles=3, device="cpu",
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = train_cohort(config, root / "run")
+    finally:
+        torch.set_num_threads(threads)
+    return root, config, metrics
+
+
+def test_run_folder_layout(trained):
+    root, config, _ = trained
+    run = root / "run"
+    for name in ("config.yaml", "metrics.json", "predictions.csv", "roc.png", "confusion.png", "train.log",
+                 "splits/fold_0.csv", "splits/fold_1.csv"):
+        assert (run / name).is_file(), name
+    for fold in (0, 1):
+        for name in ("model.safetensors", "model_card.json", "last.pt"):
+            assert (run / f"fold_{fold}" / name).is_file()
+    assert load_config(run / "config.yaml") == config
+    for png in ("roc.png", "confusion.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (run / "train.log").read_text()
+    assert "fold 0 epoch 1/6" in log and "fold 1 done" in log
+
+
+def test_model_card_holds_the_feature_contract(trained):
+    root, _, _ = trained
+    card = read_model_card(root / "run" / "fold_0" / "model_card.json")
+    assert card.model_name == "abmil"
+    assert card.model_kwargs == {"hidden_dim": 32, "attention_dim": 16, "gated": True, "dropout": 0.0, "attention_dropout": 0.25}
+    assert card.class_names == ["benign", "tumour"] and card.num_classes == 2
+    contract = card.feature_contract
+    assert (contract.encoder, contract.feature_dim, contract.target_mpp, contract.tile_px, contract.tile_size_level0) == (
+        "synthetic", 8, 0.5, 224, 448)
+    assert card.training_method == "plain"
+    assert card.wsi_mil_version == __version__
+    assert 1 <= card.best_epoch <= card.epochs_run <= 6
+    assert set(card.metrics) == {"val", "test"}
+    assert card.created.endswith("+00:00")
+
+
+def test_metrics_json_names_and_values(trained):
+    root, _, metrics = trained
+    assert json.loads((root / "run" / "metrics.json").read_text()) == metrics
+    assert metrics["class_names"] == ["benign", "tumour"]
+    assert [f["fold"] for f in metrics["folds"]] == [0, 1]
+    for fold in metrics["folds"]:
+        for part in ("val", "test"):
+            assert set(SCALAR_METRICS) <= set(fold[part])
+            assert set(fold[part]["ci95"]) == set(SCALAR_METRICS)
+            assert len(fold[part]["confusion_matrix"]) == 2
+    for part in ("val", "test"):
+        summary = metrics["summary"][part]
+        values = [f[part]["accuracy_micro"] for f in metrics["folds"]]
+        assert summary["accuracy_micro"]["mean"] == pytest.approx(np.mean(values))
+        assert summary["accuracy_micro"]["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert metrics["pooled_test"]["n"] == 40
+    assert metrics["summary"]["test"]["roc_auc_macro"]["mean"] > 0.8  # the task is easy
+
+
+def test_predictions_csv_lists_val_and_test_slides_with_top_tiles(trained):
+    root, _, _ = trained
+    with (root / "run" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["split"] for r in rows} == {"val", "test"}
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert sorted(r["slide_id"] for r in test_rows) == [f"slide_{i:03d}" for i in range(40)]
+    for row in rows:
+        split = load_split(root / "run" / "splits" / f"fold_{row['fold']}.csv", fold=int(row["fold"]))
+        assert row["slide_id"] in split.part(row["split"])
+        assert float(row["prob_benign"]) + float(row["prob_tumour"]) == pytest.approx(1.0)
+        assert row["predicted"] in ("benign", "tumour")
+        coords = json.loads(row["top_tile_coords"])
+        assert len(coords) == 3 and all(x % 448 == 0 and y % 448 == 0 for x, y in coords)
+        assert len(json.loads(row["top_tile_indices"])) == 3
+
+
+def test_evaluate_run_recomputes_the_same_metrics(trained):
+    root, _, metrics = trained
+    assert evaluate_run(root / "run") == metrics
+
+
+def test_load_model_picks_the_best_validation_fold_and_predict_matches(trained):
+    root, _, _ = trained
+    cards = [read_model_card(root / "run" / f"fold_{k}" / "model_card.json") for k in (0, 1)]
+    best = max(cards, key=lambda c: (c.metrics["val"]["roc_auc_macro"], -c.fold))
+    model, card = load_model_from_run(root / "run")
+    assert card.fold == best.fold and not model.training
+    split = load_split(root / "run" / "splits" / f"fold_{card.fold}.csv", fold=card.fold)
+    slide_id = split.test[0]
+    [prediction] = predict(root / "run", [root / "features" / f"{slide_id}.h5"])
+    assert prediction.slide_id == slide_id and prediction.fold == card.fold
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0)
+    assert prediction.attention.shape == (len(prediction.coords),)
+    assert prediction.attention.sum() == pytest.approx(1.0, abs=1e-5)
+    with (root / "run" / "predictions.csv").open(newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["slide_id"] == slide_id and r["split"] == "test")
+    assert int(row["fold"]) == card.fold
+    assert prediction.probabilities["tumour"] == pytest.approx(float(row["prob_tumour"]), abs=1e-6)
+    with pytest.raises(RunFolderError, match=r"no finished fold 7.*\[0, 1\]"):
+        load_model_from_run(root / "run", 7)
+
+
+def test_predict_refuses_mismatched_features(trained, tmp_path, bag_factory):
+    root, _, _ = trained
+    write_feature_cohort(bag_factory(2, dim=12), tmp_path / "wide", tmp_path / "a.csv")
+    with pytest.raises(FeatureContractError, match="12-d features, the model expects 8-d"):
+        predict(root / "run", [tmp_path / "wide" / "slide_000.h5"])
+    write_feature_cohort(bag_factory(2, dim=8), tmp_path / "uni", tmp_path / "b.csv", encoder="uni")
+    with pytest.raises(FeatureContractError, match="encoder='uni', the model expects encoder='synthetic'"):
+        predict(root / "run", [tmp_path / "uni" / "slide_000.h5"])
+
+
+def test_save_predictions_csv_and_json(trained, tmp_path):
+    root, _, _ = trained
+    predictions = predict(root / "run", [root / "features" / "slide_000.h5", root / "features" / "slide_001.h5"], fold=0)
+    save_predictions(predictions, tmp_path / "p.json")
+    payload = json.loads((tmp_path / "p.json").read_text())
+    assert [p["slide_id"] for p in payload] == ["slide_000", "slide_001"]
+    assert len(payload[0]["attention"]) == len(payload[0]["coords"]) == len(predictions[0].attention)
+    save_predictions(predictions, tmp_path / "p.csv")
+    with (tmp_path / "p.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(len(p.attention) for p in predictions)
+    assert {"slide_id", "prob_benign", "prob_tumour", "tile_index", "x", "y", "attention"} <= set(rows[0])
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(write_cohort, tmp_path):
+    files = write_cohort(num_bags=20)
+    config = files.config(epochs=3, model_kwargs={"hidden_dim": 16, "attention_dim": 8, "dropout": 0.25})
+    reference = train_cohort(config, tmp_path / "reference")
+
+    def kill_in_fold_1(report):
+        if report.fold == 1 and report.epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_cohort(config, tmp_path / "resumed", on_epoch_end=kill_in_fold_1)
+    layout = RunLayout(tmp_path / "resumed")
+    assert layout.folds() == [0] and layout.last_checkpoint(1).exists()
+    reports = []
+    resumed = train_cohort(config, tmp_path / "resumed", on_epoch_end=reports.append)
+    assert [(r.fold, r.epoch) for r in reports] == [(1, 3)]
+    assert resumed == reference
+    with pytest.raises(RunFolderError, match=r"different config \(changed: epochs\)"):
+        train_cohort(config.model_copy(update={"epochs": 4}), tmp_path / "resumed")
+
+
+def test_the_test_split_is_never_read_while_training(write_cohort, tmp_path, monkeypatch):
+    """Spy on feature loading (cache off): during training only train/val slides of the fold load."""
+    files = write_cohort(num_bags=20)
+    config = files.config(epochs=2, cache_bags=0, bootstrap_samples=0)
+    loaded: list[str] = []
+    original_load = Cohort.load
+
+    def spying_load(self, slide_id):
+        loaded.append(slide_id)
+        return original_load(self, slide_id)
+
+    monkeypatch.setattr(Cohort, "load", spying_load)
+    run = tmp_path / "run"
+    checked = []
+
+    def check(report):
+        split = load_split(run / "splits" / f"fold_{report.fold}.csv", fold=report.fold)
+        seen = set(loaded)
+        loaded.clear()
+        assert seen and not seen & set(split.test), f"fold {report.fold} read test slides while training"
+        assert seen <= set(split.train) | set(split.val)
+        checked.append(report.epoch)
+
+    train_cohort(config, run, on_epoch_end=check)
+    assert checked == [1, 2, 1, 2]
+    assert loaded  # the test slides are read after training, for the test metrics
+
+
+def test_multiclass_with_a_split_column(write_cohort, tmp_path):
+    files = write_cohort(num_bags=30, num_classes=3, patients=False)
+    with files.labels_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):
+        row["split"] = ("train", "train", "train", "val", "test")[(i // 3) % 5]
+    with files.labels_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = train_cohort(files.config(epochs=3, method="aem", method_kwargs={"weight": 0.01}), tmp_path / "run")
+    assert len(metrics["folds"]) == 1
+    assert len(metrics["folds"][0]["test"]["confusion_matrix"]) == 3
+    assert metrics["folds"][0]["test"]["n"] == 6
+    assert read_model_card(tmp_path / "run" / "fold_0" / "model_card.json").training_method == "aem"

@@ -1,0 +1,125 @@
+"""`wsi-mil train`, `wsi-mil evaluate`, `wsi-mil predict`: thin shells over `wsi_mil.training`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from wsi_mil.cli._app import app, console
+from wsi_mil.errors import WsiMilError
+from wsi_mil.training.config import load_config
+from wsi_mil.training.metrics import SCALAR_METRICS
+from wsi_mil.training.run import evaluate_run, predict, save_predictions, train_cohort
+from wsi_mil.training.trainer import EpochReport
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="run folder (re-run with the same settings to resume)")],
+    features: Annotated[Path | None, typer.Option("--features", help="folder of feature files")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV: slide_id,label[,case_id][,split]")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (wsi-mil list-models); default abmil")] = None,
+    method: Annotated[str | None, typer.Option(help="plain | aem | acmil | mhim | packmil")] = None,
+    folds: Annotated[int | None, typer.Option(help="k of the patient-grouped stratified k-fold")] = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs per fold")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML TrainConfig; flags override it")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="bags per step (>1 pads with masks)")] = None,
+    max_instances: Annotated[int | None, typer.Option(help="random cap on instances per training bag")] = None,
+    selection_metric: Annotated[str | None, typer.Option(help="roc_auc_macro | balanced_accuracy | f1_macro | accuracy_micro | loss")] = None,
+    patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
+    balance: Annotated[str | None, typer.Option(help="none | class_weights | sampler")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    drop_missing: Annotated[bool | None, typer.Option("--drop-missing", help="drop labelled slides without features")] = None,
+    ignore_unlabelled: Annotated[bool | None, typer.Option("--ignore-unlabelled", help="ignore feature files without a label")] = None,
+) -> None:
+    """Train cross-validated MIL models on a cohort of feature files into a run folder."""
+    overrides: dict[str, Any] = {
+        "features_dir": features, "labels_csv": labels, "model": model, "method": method, "folds": folds,
+        "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "max_instances": max_instances,
+        "selection_metric": selection_metric, "patience": patience, "balance": balance, "device": device,
+        "drop_missing_features": drop_missing, "ignore_unlabelled_features": ignore_unlabelled,
+    }
+    try:
+        settings = load_config(config, overrides=overrides)
+        with Progress(
+            TextColumn("[bold]fold {task.fields[fold]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+        ) as progress:
+            tasks: dict[int, TaskID] = {}
+
+            def on_epoch_end(report: EpochReport) -> None:
+                if report.fold not in tasks:
+                    tasks[report.fold] = progress.add_task("", total=report.epochs, fold=report.fold, status="")
+                value = report.val_metrics[settings.selection_metric]
+                status = f"val {settings.selection_metric} {value:.3f}" + (" *" if report.is_best else "")
+                progress.update(tasks[report.fold], completed=report.epoch, status=status)
+                if report.stop:
+                    progress.update(tasks[report.fold], total=report.epoch, status=status + " (early stop)")
+
+            metrics = train_cohort(settings, out, on_epoch_end=on_epoch_end)
+    except WsiMilError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    _print_metrics(metrics)
+    console.print(f"run folder: {out}")
+
+
+@app.command()
+def evaluate(run: Annotated[Path, typer.Argument(help="a run folder made by wsi-mil train")]) -> None:
+    """Recompute a run's metrics, predictions and plots from its saved checkpoints."""
+    try:
+        metrics = evaluate_run(run)
+    except WsiMilError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    _print_metrics(metrics)
+
+
+@app.command("predict")
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="a run folder made by wsi-mil train")],
+    features: Annotated[list[Path], typer.Argument(help="feature files (.h5 / .pt) to predict")],
+    out: Annotated[Path | None, typer.Option("--out", help="write predictions to a .csv (one row per tile) or .json")] = None,
+    fold: Annotated[int | None, typer.Option(help="fold whose model to use (default: best by validation)")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda[:N]")] = "cpu",
+) -> None:
+    """Predict slides with a run's model: class probabilities and attention per tile."""
+    try:
+        predictions = predict(run, features, fold=fold, device=device)
+        if out is not None:
+            save_predictions(predictions, out)
+    except WsiMilError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    table = Table("slide", "fold", "predicted", "probabilities", "tiles")
+    for p in predictions:
+        probs = ", ".join(f"{name} {value:.3f}" for name, value in p.probabilities.items())
+        table.add_row(p.slide_id, str(p.fold), p.predicted, probs, str(len(p.attention)))
+    console.print(table)
+    if out is not None:
+        console.print(f"predictions written to {out}")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    for part, summary in metrics.get("summary", {}).items():
+        table = Table("metric", "mean", "sd", "folds", title=f"{part} (mean ± sd over folds)")
+        for name in SCALAR_METRICS:
+            entry = summary[name]
+            if entry["mean"] is None:
+                table.add_row(name, "n/a", "", "0")
+            else:
+                table.add_row(name, f"{entry['mean']:.4f}", f"{entry['sd']:.4f}", str(entry["n_folds"]))
+        console.print(table)

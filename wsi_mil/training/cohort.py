@@ -1,0 +1,380 @@
+"""A cohort: a folder of per-slide feature files plus a labels CSV, checked once and loaded lazily.
+
+Feature files may be ours (`wsi-mil preprocess`), CLAM/TRIDENT HDF5 or CLAM `.pt` tensors; a CLAM
+output folder with `h5_files/` and `pt_files/` works as well (HDF5 preferred: it has coords). The
+CSV has `slide_id` and `label`, optionally `case_id` (patient; splits never separate a patient's
+slides) and `split` (train/val/test). Class names are the sorted distinct labels unless given.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from wsi_mil.errors import CohortError, FeatureFileError
+from wsi_mil.preprocessing.feature_file import read_feature_file, read_feature_meta
+from wsi_mil.training.methods.base import Bag
+
+log = logging.getLogger(__name__)
+
+#: feature file extensions, in order of preference when a slide has several
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt")
+#: CLAM's feature subfolders, used when the features folder itself holds no feature file
+CLAM_SUBFOLDERS = ("h5_files", "pt_files")
+SPLIT_NAMES = ("train", "val", "test")
+_MAX_LISTED = 10
+
+
+class FeatureContract(BaseModel):
+    """What features a model was trained on; the service refuses features that differ."""
+
+    model_config = ConfigDict(frozen=True)
+
+    encoder: str | None = None
+    feature_dim: int
+    target_mpp: float | None = None
+    tile_px: int | None = None
+    #: tile side in level-0 pixels; None when it differs between slides (it depends on slide mpp)
+    tile_size_level0: int | None = None
+
+
+@dataclass(frozen=True)
+class CohortSlide:
+    """One labelled slide of the cohort."""
+
+    slide_id: str
+    label: int
+    case_id: str
+    feature_path: Path
+    #: the CSV's `split` value (train/val/test), None when the CSV has none for this slide
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class SlideFeatures:
+    """A slide's features `[N, D]` (float32) and level-0 tile coords `[N, 2]` (None if the file has none)."""
+
+    features: torch.Tensor
+    coords: np.ndarray | None
+
+
+def _listing(items: Iterable[str]) -> str:
+    items = sorted(items)
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _label_sort_key(label: str) -> tuple[int, float | str]:
+    """Numeric labels sort numerically ("2" before "10"), the rest alphabetically after them."""
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+def index_feature_files(features_dir: Path) -> dict[str, Path]:
+    """Map slide id (file stem) -> feature file in `features_dir` (or its CLAM subfolders)."""
+    if not features_dir.is_dir():
+        raise CohortError(f"features folder {features_dir} does not exist (--features)")
+    folders = [features_dir]
+    if not any(p.suffix.lower() in FEATURE_SUFFIXES for p in features_dir.iterdir() if p.is_file()):
+        folders = [features_dir / sub for sub in CLAM_SUBFOLDERS if (features_dir / sub).is_dir()]
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            suffix = path.suffix.lower()
+            if not path.is_file() or suffix not in FEATURE_SUFFIXES:
+                continue
+            current = found.get(path.stem)
+            if current is None or FEATURE_SUFFIXES.index(suffix) < FEATURE_SUFFIXES.index(current.suffix.lower()):
+                found[path.stem] = path
+    if not found:
+        raise CohortError(
+            f"no feature files ({', '.join(FEATURE_SUFFIXES)}) in {features_dir} or its "
+            f"{'/'.join(CLAM_SUBFOLDERS)} subfolders (--features)"
+        )
+    return found
+
+
+def feature_file_meta(path: Path) -> dict[str, Any]:
+    """Attributes of a feature file with `feature_dim` and `num_tiles`: cheap for HDF5 (no features
+    read), a full load for `.pt` bags (which carry no separate header)."""
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        return read_feature_meta(path)
+    bag = read_feature_file(path)
+    return {**bag.attrs, "encoder": bag.encoder, "feature_dim": bag.feature_dim, "num_tiles": bag.num_tiles}
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of the labels CSV."""
+
+    slide_id: str
+    label: str
+    case_id: str
+    split: str | None
+
+
+def read_labels_csv(labels_csv: Path) -> list[LabelRow]:
+    """Read and check the labels CSV: required columns, no empty labels, no duplicate slide ids."""
+    try:
+        with labels_csv.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            raw_rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except OSError as err:
+        raise CohortError(f"cannot read the labels CSV {labels_csv} (--labels): {err}") from err
+    missing = {"slide_id", "label"} - set(columns)
+    if missing:
+        raise CohortError(
+            f"labels CSV {labels_csv} lacks column(s) {sorted(missing)}; it needs slide_id,label "
+            f"and optionally case_id,split (found: {columns})"
+        )
+    rows: list[LabelRow] = []
+    empty, seen, duplicates, bad_split = [], set(), set(), set()
+    for row in raw_rows:
+        slide_id, label = row["slide_id"], row["label"]
+        if not slide_id and not label:
+            continue
+        if not slide_id or not label:
+            empty.append(slide_id or "<no slide_id>")
+            continue
+        if slide_id in seen:
+            duplicates.add(slide_id)
+        seen.add(slide_id)
+        split = row.get("split", "").lower() or None
+        if split is not None and split not in SPLIT_NAMES:
+            bad_split.add(split)
+        rows.append(LabelRow(slide_id, label, row.get("case_id") or slide_id, split))
+    if empty:
+        raise CohortError(f"labels CSV {labels_csv} has rows with an empty slide_id or label: {_listing(empty)}")
+    if duplicates:
+        raise CohortError(f"labels CSV {labels_csv} lists slide(s) more than once: {_listing(duplicates)}")
+    if bad_split:
+        raise CohortError(
+            f"labels CSV {labels_csv} has split value(s) {sorted(bad_split)}; use train, val or test"
+        )
+    if not rows:
+        raise CohortError(f"labels CSV {labels_csv} has no rows (--labels)")
+    return rows
+
+
+def _contract_from_meta(metas: dict[str, dict[str, Any]]) -> FeatureContract:
+    """Check that all slides share one encoder, feature dim, target mpp and tile px; return them."""
+    contract: dict[str, Any] = {}
+    for key, fix in (
+        ("feature_dim", "extract all slides with one encoder"),
+        ("encoder", "extract all slides with one encoder, or point --features at one encoder's folder"),
+        ("target_mpp", "extract all slides at one --target-mpp"),
+        ("tile_px", "extract all slides with one --tile-px"),
+        ("tile_size_level0", None),
+    ):
+        groups: dict[Any, list[str]] = defaultdict(list)
+        for slide_id, meta in metas.items():
+            value = meta.get(key)
+            if value is not None:
+                groups[value.item() if isinstance(value, np.generic) else value].append(slide_id)
+        if len(groups) > 1 and fix is not None:
+            detail = "; ".join(f"{key}={value!r}: {_listing(ids)}" for value, ids in sorted(groups.items(), key=str))
+            raise CohortError(f"feature files in one cohort differ in {key} ({detail}); {fix}")
+        contract[key] = next(iter(groups)) if len(groups) == 1 else None
+    if contract["feature_dim"] is None:
+        raise CohortError("no feature file tells its feature dimension; check the files under --features")
+    unknown_encoder = [s for s, m in metas.items() if m.get("encoder") is None]
+    if contract["encoder"] is not None and unknown_encoder:
+        log.warning(
+            "feature files without an encoder attribute (%s) are assumed to use %s",
+            _listing(unknown_encoder),
+            contract["encoder"],
+        )
+    return FeatureContract(**contract)
+
+
+#: provenance keys of the tissue record that describe the run, not the settings
+_TISSUE_RECORD_ONLY = ("method", "area_fraction")
+
+
+def _preprocessing_from_meta(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The preprocessing settings every slide shares (tissue, tiling, encoder, weights, precision),
+    as `PreprocessConfig` fields, so a service can reproduce the features from a slide; None when
+    the files do not record them (CLAM/TRIDENT/.pt) or the slides disagree."""
+    settings = []
+    for meta in metas.values():
+        tissue, tiling = meta.get("tissue"), meta.get("tiling")
+        if not isinstance(tissue, dict) or not isinstance(tiling, dict) or not meta.get("encoder"):
+            return None
+        weights = meta.get("encoder_weights")
+        settings.append(
+            {
+                "tissue": {k: v for k, v in tissue.items() if k not in _TISSUE_RECORD_ONLY},
+                "tiling": tiling,
+                "encoder": meta["encoder"],
+                # hub weights are found again by name; files and "random" are named explicitly
+                "weights": None if not weights or str(weights).startswith("hub:") else weights,
+                "precision": meta.get("precision", "auto"),
+            }
+        )
+    first = settings[0] if settings else None
+    return first if all(s == first for s in settings) else None
+
+
+class Cohort:
+    """Labelled slides with checked feature files; features load lazily through a small LRU cache."""
+
+    def __init__(
+        self,
+        slides: Sequence[CohortSlide],
+        class_names: Sequence[str],
+        contract: FeatureContract,
+        *,
+        cache_size: int = 32,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        self.slides = list(slides)
+        self.class_names = list(class_names)
+        self.contract = contract
+        #: the shared preprocessing settings (`PreprocessConfig` fields), when the files record them
+        self.preprocessing = preprocessing
+        self.cache_size = cache_size
+        self._by_id = {s.slide_id: s for s in self.slides}
+        self._cache: OrderedDict[str, SlideFeatures] = OrderedDict()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [s.slide_id for s in self.slides]
+
+    def slide(self, slide_id: str) -> CohortSlide:
+        """The cohort entry of `slide_id`."""
+        try:
+            return self._by_id[slide_id]
+        except KeyError:
+            raise CohortError(f"slide {slide_id!r} is not in the cohort") from None
+
+    def load(self, slide_id: str) -> SlideFeatures:
+        """Features and coords of a slide, from the cache or the feature file."""
+        cached = self._cache.get(slide_id)
+        if cached is not None:
+            self._cache.move_to_end(slide_id)
+            return cached
+        path = self.slide(slide_id).feature_path
+        try:
+            bag = read_feature_file(path)
+        except FeatureFileError as err:
+            raise CohortError(f"cannot read features of slide {slide_id!r} from {path}: {err}") from err
+        loaded = SlideFeatures(torch.as_tensor(np.asarray(bag.features, dtype=np.float32)), bag.coords)
+        if loaded.features.shape[0] == 0:
+            raise CohortError(f"feature file {path} of slide {slide_id!r} holds no tiles; drop it from --labels")
+        if self.cache_size > 0:
+            self._cache[slide_id] = loaded
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def bags(self, slide_ids: Sequence[str]) -> CohortBags:
+        """A lazy `Sequence[Bag]` over the given slides (features load on access)."""
+        for slide_id in slide_ids:
+            self.slide(slide_id)
+        return CohortBags(self, list(slide_ids))
+
+
+class CohortBags(Sequence[Bag]):
+    """A lazy sequence of `Bag`s over some slides of a cohort; labels are known without loading."""
+
+    def __init__(self, cohort: Cohort, slide_ids: list[str]) -> None:
+        self.cohort = cohort
+        self.slide_ids = slide_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return [self.cohort.slide(s).label for s in self.slide_ids]
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Bag: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Bag]: ...
+    def __getitem__(self, index: int | slice) -> Bag | Sequence[Bag]:
+        if isinstance(index, slice):
+            return CohortBags(self.cohort, self.slide_ids[index])
+        slide_id = self.slide_ids[index]
+        return Bag(self.cohort.load(slide_id).features, self.cohort.slide(slide_id).label, slide_id)
+
+
+def load_cohort(
+    features_dir: Path | str,
+    labels_csv: Path | str,
+    *,
+    class_names: Sequence[str] | None = None,
+    drop_missing_features: bool = False,
+    ignore_unlabelled_features: bool = False,
+    cache_size: int = 32,
+) -> Cohort:
+    """Match a features folder with a labels CSV, check both, and return the `Cohort`.
+
+    Raises `CohortError` listing labelled slides without a feature file (unless
+    `drop_missing_features`, which drops them with a warning), feature files without a label (unless
+    `ignore_unlabelled_features`), labels outside `class_names`, fewer than two classes, and feature
+    files that differ in encoder, feature dimension, target mpp or tile px.
+    """
+    features_dir, labels_csv = Path(features_dir), Path(labels_csv)
+    rows = read_labels_csv(labels_csv)
+    files = index_feature_files(features_dir)
+
+    without_features = [r.slide_id for r in rows if r.slide_id not in files]
+    if without_features:
+        message = f"{len(without_features)} labelled slide(s) have no feature file in {features_dir}: {_listing(without_features)}"
+        if not drop_missing_features:
+            raise CohortError(f"{message}; extract them, or set drop_missing_features (--drop-missing) to skip them")
+        log.warning("%s; dropped (drop_missing_features)", message)
+        rows = [r for r in rows if r.slide_id in files]
+    labelled = {r.slide_id for r in rows}
+    without_labels = sorted(set(files) - labelled)
+    if without_labels:
+        message = f"{len(without_labels)} feature file(s) in {features_dir} have no row in {labels_csv}: {_listing(without_labels)}"
+        if not ignore_unlabelled_features:
+            raise CohortError(f"{message}; label them, or set ignore_unlabelled_features (--ignore-unlabelled)")
+        log.info("%s; ignored", message)
+    if not rows:
+        raise CohortError(f"no labelled slide of {labels_csv} has a feature file in {features_dir}")
+
+    distinct = sorted({r.label for r in rows}, key=_label_sort_key)
+    names = list(class_names) if class_names is not None else distinct
+    unknown = sorted(set(distinct) - set(names))
+    if unknown:
+        raise CohortError(
+            f"labels {unknown} in {labels_csv} are not among class_names {names}; fix the CSV or class_names"
+        )
+    if len(names) < 2:
+        raise CohortError(f"the cohort needs at least two classes, {labels_csv} has only {names}")
+
+    metas: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        try:
+            metas[row.slide_id] = feature_file_meta(files[row.slide_id])
+        except FeatureFileError as err:
+            raise CohortError(f"feature file of slide {row.slide_id!r} is unreadable: {err}") from err
+    contract = _contract_from_meta(metas)
+    preprocessing = _preprocessing_from_meta(metas)
+
+    index = {name: i for i, name in enumerate(names)}
+    slides = [
+        CohortSlide(r.slide_id, index[r.label], r.case_id, files[r.slide_id], r.split)
+        for r in sorted(rows, key=lambda r: r.slide_id)
+    ]
+    return Cohort(slides, names, contract, cache_size=cache_size, preprocessing=preprocessing)
