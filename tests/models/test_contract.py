@@ -20,6 +20,10 @@ SMALL_OVERRIDES: dict[str, dict[str, object]] = {
     "clam_mb": {"hidden_dim": 16, "attention_dim": 8, "k_sample": 3, "subtyping": True},
     "dsmil": {"query_dim": 8, "passing_v": True},
     "transmil": {"hidden_dim": 16, "num_heads": 4, "num_landmarks": 8},
+    # region_num=2: with 8x8 regions a 9-instance bag has one instance per region and R2T would be
+    # permutation invariant, so the order-dependence check could not see the order
+    "r2t_mil": {"hidden_dim": 16, "attention_dim": 8, "num_heads": 4, "crmsa_heads": 2, "epeg_kernel": 3, "region_num": 2},
+    "mamba_mil": {"hidden_dim": 16, "attention_dim": 8, "state_dim": 4},
     "acmil": {"hidden_dim": 16, "attention_dim": 8, "num_branches": 3, "mask_top_k": 4},
 }
 

@@ -13,4 +13,7 @@ from wsi_mil.models import abmil as abmil  # noqa: E402
 from wsi_mil.models import acmil as acmil  # noqa: E402
 from wsi_mil.models import clam as clam  # noqa: E402
 from wsi_mil.models import dsmil as dsmil  # noqa: E402
+from wsi_mil.models import mamba_mil as mamba_mil  # noqa: E402
+from wsi_mil.models import r2t_mil as r2t_mil  # noqa: E402
+from wsi_mil.models import reference as reference  # noqa: E402
 from wsi_mil.models import transmil as transmil  # noqa: E402

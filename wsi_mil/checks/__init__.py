@@ -1,0 +1,1 @@
+"""Algorithmic MIL unit tests (Raff & Holt, NeurIPS 2023) and MIL property checks for any model."""
