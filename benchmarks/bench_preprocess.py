@@ -31,7 +31,7 @@ from wsi_mil.preprocessing.encoders import load_encoder
 from wsi_mil.preprocessing.extract import measure_forward_throughput
 from wsi_mil.preprocessing.pipeline import PreprocessConfig, preprocess_slide
 from wsi_mil.preprocessing.slide import open_slide
-from wsi_mil.preprocessing.tiling import TilingParams, read_tile, tile_grid
+from wsi_mil.preprocessing.tiling import TilingParams, tile_grid
 from wsi_mil.preprocessing.tissue import TissueParams, segment_tissue
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,14 @@ from rich.table import Table
 
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
-from wsi_mil.preprocessing.batch import SlideTask, find_slides, parse_shard, read_manifest, run_batch, select_shard
+from wsi_mil.preprocessing.batch import (
+    SlideTask,
+    find_slides,
+    parse_shard,
+    read_manifest,
+    run_batch,
+    select_shard,
+)
 from wsi_mil.preprocessing.pipeline import PreprocessConfig, SlideResult
 from wsi_mil.preprocessing.tiling import TilingParams
 from wsi_mil.preprocessing.tissue import TissueParams

@@ -23,7 +23,12 @@ from typing import Literal
 from wsi_mil.errors import FeatureFileError, WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder
 from wsi_mil.preprocessing.feature_file import read_feature_meta
-from wsi_mil.preprocessing.pipeline import OutputPaths, PreprocessConfig, SlideResult, preprocess_slide
+from wsi_mil.preprocessing.pipeline import (
+    OutputPaths,
+    PreprocessConfig,
+    SlideResult,
+    preprocess_slide,
+)
 from wsi_mil.preprocessing.qc import save_json_atomic
 
 log = logging.getLogger(__name__)
