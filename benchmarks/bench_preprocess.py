@@ -157,6 +157,8 @@ def peak_rss_100k(slide_path: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="real slide only, fewer baseline tiles, no 100k run")
+    parser.add_argument("--large-size", type=int, default=20000, help="side of the large slide in px")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 100k-tile peak-RSS run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preprocess.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -168,10 +170,12 @@ def main() -> None:
     rows = [bench_slide("CMU-1-Small-Region.svs (real)", real, config, baseline_tiles=64 if args.quick else 96)]
     results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "slides": rows}
     if not args.quick:
-        large = build_large_slide(real, CACHE / "large_real_tissue_20k.tiff")
-        rows.append(bench_slide("20k x 20k of real tissue crops", large, config, baseline_tiles=256))
-        results["peak_rss_100k_tiles"] = peak_rss_100k(large)
-        print(json.dumps(results["peak_rss_100k_tiles"]), flush=True)
+        size = args.large_size
+        large = build_large_slide(real, CACHE / f"large_real_tissue_{size}.tiff", size=size)
+        rows.append(bench_slide(f"{size} x {size} of real tissue crops", large, config, baseline_tiles=256))
+        if not args.skip_rss:
+            results["peak_rss_100k_tiles"] = peak_rss_100k(large)
+            print(json.dumps(results["peak_rss_100k_tiles"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")
