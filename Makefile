@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test test-slow lint bench-preprocess bench-models bench-service uv
+.PHONY: demo test test-slow lint bench-preprocess bench-models bench-service mil-checks uv
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
@@ -32,3 +32,6 @@ bench-models: uv
 
 bench-service: uv
 	$(UV) run --locked python benchmarks/bench_service.py
+
+mil-checks: uv
+	$(UV) run --locked python benchmarks/mil_checks_table.py --json benchmarks/results/mil_checks.json --doc docs/mil-checks.md

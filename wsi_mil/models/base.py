@@ -46,7 +46,7 @@ class MILModel(nn.Module):
     #: whether the output is invariant to the order of the instances in a bag
     permutation_invariant: bool = True
     #: whether the model respects the standard MIL assumption (adding instances can only raise the
-    #: positive score); documented per model and checked by `wsi_mil.models.mil_checks`
+    #: positive score); documented per model and checked by `wsi_mil.checks`
     mil_assumption: bool = False
     #: whether `attention` is a softmax over the valid instances (sums to 1 per bag)
     softmax_attention: bool = True
