@@ -11,8 +11,12 @@ is the validation part for early stopping on the validation loss, and the model 
 each repetition's 10 test folds; the table gives the mean over repetitions ± the standard error
 (Ilse et al.'s statistic) and ± the sd. `attention` and `gated_attention` are `abmil_ilse`
 (Linear(D→500)+ReLU embedding, attention 128); every other registered model runs with its
-defaults. Each (model, dataset) cell is time-boxed (`--time-box`): no fold starts after it (running
-folds finish), skipped folds are counted, and only complete repetitions enter the mean.
+defaults. The folds of all (dataset, model) cells run in one worker pool, repetition by repetition
+(every cell's repetition 1, then every cell's repetition 2, ...), under one time budget
+(`--time-budget`): no fold starts after it (running folds finish), skipped folds are counted, and
+only complete repetitions enter a cell's mean, so a cut-short run still gives every cell the same
+protocol. `--cuda-models` names the models that train on the GPU (the sequence and transformer
+models, whose steps are slow on one CPU thread); the rest train on one CPU thread per worker.
 
 Part 2, digits bags (sklearn's 8×8 digits; `wsi_mil.training.benchmarks_data.digits_bag_sets`):
 test AUC on 1000 test bags against the number of training bags, mean bag size 10, positive iff a
@@ -81,11 +85,11 @@ def model_spec(name: str) -> tuple[str, dict[str, Any]]:
     return NAMED_MODELS.get(name, (name, {}))
 
 
-def train_config(epochs: int, seed: int) -> TrainConfig:
+def train_config(epochs: int, seed: int, device: str = "cpu") -> TrainConfig:
     """Ilse et al.'s optimiser (Adam, lr 5e-4, wd 1e-4), early stopping on the validation loss."""
     return TrainConfig(
         optimizer="adam", lr=5e-4, weight_decay=1e-4, epochs=epochs, patience=10, selection_metric="loss",
-        seed=seed, device="cpu", batch_size=1,
+        seed=seed, device=device, batch_size=1, deterministic=device == "cpu",
     )
 
 
@@ -107,11 +111,13 @@ def run_fold(task: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = create_model(registry_name, train[0].features.shape[1], 2, **kwargs)
     started = time.perf_counter()
-    result = fit(model, create_method("plain"), train, val, config=train_config(task["epochs"], seed), num_classes=2)
+    device = task.get("device", "cpu")
+    config = train_config(task["epochs"], seed, device)
+    result = fit(model, create_method("plain"), train, val, config=config, num_classes=2)
     model.load_state_dict(result.best_state)
-    predictions = predict_bags(model, test)
+    predictions = predict_bags(model, test, device=device)
     return {
-        "rep": rep, "fold": fold, "correct": int((predictions.probs.argmax(1) == predictions.labels).sum()),
+        "dataset": task["dataset"], "model": task["model"], "device": device, "rep": rep, "fold": fold, "correct": int((predictions.probs.argmax(1) == predictions.labels).sum()),
         "n": len(test), "epochs_run": result.epochs_run, "seconds": time.perf_counter() - started,
     }
 
@@ -134,11 +140,11 @@ def run_digits(task: dict[str, Any]) -> dict[str, Any]:
 
 def run_time_boxed(
     pool: ProcessPoolExecutor, fn: Callable[[dict[str, Any]], dict[str, Any]], tasks: list[dict[str, Any]],
-    *, time_box: float, jobs: int,
+    *, time_box: float, jobs: int, on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Run tasks in order, `jobs` at a time; none starts after `time_box` seconds (running ones finish).
 
-    Returns the results and the number of tasks skipped.
+    `on_result` sees each result as it arrives. Returns the results and the number of tasks skipped.
     """
     deadline = time.monotonic() + time_box
     pending = list(tasks)
@@ -150,7 +156,10 @@ def run_time_boxed(
         if not running:
             break
         finished, running = wait(running, return_when=FIRST_COMPLETED)
-        done.extend(f.result() for f in finished)
+        for future in finished:
+            done.append(future.result())
+            if on_result is not None:
+                on_result(done[-1])
     return done, len(pending)
 
 
@@ -186,17 +195,19 @@ def main() -> None:
                         help="comma list: attention, gated_attention, registered names; * = every other registered model")
     parser.add_argument("--repetitions", type=int, default=5, help="repetitions of 10-fold CV (max 5)")
     parser.add_argument("--epochs", type=int, default=40, help="max epochs per fold (early stopping, patience 10)")
-    parser.add_argument("--time-box", type=float, default=600.0, help="seconds per (model, dataset) cell")
+    parser.add_argument("--time-budget", type=float, default=3600.0,
+                        help="seconds for all classic cells together; no fold starts after it")
+    parser.add_argument("--cuda-models", default="", help="comma list of models that train on CUDA (e.g. transmil,r2t_mil,mamba_mil)")
     parser.add_argument("--digits-models", default="attention,gated_attention")
     parser.add_argument("--digits-sizes", default=",".join(map(str, DIGITS_SIZES)))
     parser.add_argument("--digits-repetitions", type=int, default=5)
     parser.add_argument("--digits-epochs", type=int, default=20)
     parser.add_argument("--digits-time-box", type=float, default=600.0, help="seconds per digits model")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
-    parser.add_argument("--quick", action="store_true", help="1 repetition, 20 epochs, 120 s cells, digits 50/200/500 × 2")
+    parser.add_argument("--quick", action="store_true", help="1 repetition, 20 epochs, 600 s budget, digits 50/200/500 × 2")
     args = parser.parse_args()
     if args.quick:
-        args.repetitions, args.epochs, args.time_box = 1, 20, 120.0
+        args.repetitions, args.epochs, args.time_budget = 1, 20, 600.0
         args.digits_sizes, args.digits_repetitions, args.digits_time_box = "50,200,500", 2, 300.0
     import_model_families()
     names = []
@@ -212,21 +223,38 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     context = get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        for dataset in filter(None, args.datasets.split(",")):
+    datasets = list(filter(None, args.datasets.split(",")))
+    cuda_models = set(filter(None, args.cuda_models.split(",")))
+    tasks = [
+        {"dataset": dataset, "data": str(args.data), "model": name, "rep": rep, "fold": fold, "epochs": args.epochs,
+         "device": "cuda" if name in cuda_models else "cpu"}
+        for rep in range(args.repetitions) for dataset in datasets for name in names for fold in range(1, 11)
+    ]
+    finished: list[dict[str, Any]] = []
+
+    def write_classic(result: dict[str, Any] | None = None, skipped: int = 0) -> None:
+        if result is not None:
+            finished.append(result)
+            print(f"{result['dataset']:9s} {result['model']:16s} rep {result['rep']} fold {result['fold']:2d}: "
+                  f"{result['correct']}/{result['n']} ({result['seconds']:.0f} s, {result['device']})", flush=True)
+        for dataset in datasets:
             for name in names:
-                tasks = [
-                    {"dataset": dataset, "data": str(args.data), "model": name, "rep": rep, "fold": fold, "epochs": args.epochs}
-                    for rep in range(args.repetitions) for fold in range(1, 11)
-                ]
-                started = time.monotonic()
-                done, skipped = run_time_boxed(pool, run_fold, tasks, time_box=args.time_box, jobs=args.jobs)
-                cell = summarise_classic(done, 10)
-                cell.update(folds_skipped=skipped, seconds=time.monotonic() - started)
+                cell_results = [r for r in finished if r["dataset"] == dataset and r["model"] == name]
+                cell = summarise_classic(cell_results, 10)
+                cell["folds_skipped"] = args.repetitions * 10 - len(cell_results) if skipped else 0
                 results["classic"].setdefault(dataset, {})[name] = cell
+        args.out.write_text(json.dumps(results, indent=2))
+
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        started = time.monotonic()
+        _, skipped = run_time_boxed(pool, run_fold, tasks, time_box=args.time_budget, jobs=args.jobs, on_result=write_classic)
+        results["classic_seconds"] = time.monotonic() - started
+        write_classic(skipped=skipped)
+        for dataset in datasets:
+            for name in names:
+                cell = results["classic"][dataset][name]
                 print(f"{dataset:9s} {name:16s} acc {cell['accuracy_mean']} ({cell['complete_repetitions']} reps, "
-                      f"{cell['folds_run']} folds, {skipped} skipped)", flush=True)
-                args.out.write_text(json.dumps(results, indent=2))
+                      f"{cell['folds_run']} folds, {cell['folds_skipped']} skipped)", flush=True)
         for name in filter(None, args.digits_models.split(",")):
             tasks = [
                 {"model": name, "size": int(size), "seed": seed, "epochs": args.digits_epochs}
