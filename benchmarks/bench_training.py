@@ -45,6 +45,7 @@ SETUPS: dict[str, tuple[str, dict[str, Any], int | None, int | None]] = {
     "padded_capped": ("plain", {}, None, 8192),
     "packmil": ("packmil", {"residual_loss": "focal"}, None, None),
     "packmil_downsample": ("packmil", {"residual_loss": "focal", "downsample": "attention", "downsample_ratio": 4}, None, None),
+    "packmil_ads": ("packmil", {"residual_loss": "focal", "downsample": "ads", "downsample_ratio": 4}, None, None),
     "mhim_v1": ("mhim", {"version": "v1", "high_mask_ratio": 0.01, "random_mask_ratio": 0.5, "momentum": 0.9997}, 1, None),
     "mhim_v2": ("mhim", {"version": "v2"}, 1, None),
 }

@@ -10,6 +10,7 @@ import torch
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import create_model
+from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
 from wsi_mil.training.config import TrainConfig, load_config
 from wsi_mil.training.methods import create_method
 from wsi_mil.training.methods.base import Bag, Batch
@@ -23,6 +24,7 @@ from wsi_mil.training.methods.packmil import (
     pack_hyperslides,
     residual_loss,
 )
+from wsi_mil.training.run import load_model_from_run, predict, read_model_card, train_cohort
 from wsi_mil.training.trainer import fit
 
 SMALL_ABMIL = {"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0, "attention_dropout": 0.0}
@@ -207,7 +209,7 @@ def test_bad_options_name_the_setting():
     with pytest.raises(TrainingConfigError, match="main_fraction"):
         PackMILMethod(main_fraction=1.0)
     with pytest.raises(TrainingConfigError, match="downsample"):
-        PackMILMethod(downsample="ads")  # type: ignore[arg-type]
+        PackMILMethod(downsample="learned")  # type: ignore[arg-type]
     with pytest.raises(TrainingConfigError, match="residual_loss"):
         PackMILMethod(residual_loss="nll")  # type: ignore[arg-type]
     with pytest.raises(TrainingConfigError, match="min_len"):
@@ -219,3 +221,59 @@ def test_example_config_builds_the_method():
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "train" / "packmil.yaml")
     assert config.method == "packmil"
     assert isinstance(create_method(config.method, **config.method_kwargs), PackMILMethod)
+
+
+def test_learned_downsampler_groups_r_shuffled_tokens_into_one():
+    torch.manual_seed(0)
+    ads = AttentionDownsampler(6)
+    tokens = torch.randn(10, 6, requires_grad=True)
+    out = ads.grouped(tokens, 4)
+    assert out.shape == (3, 6)  # ceil(10 / 4) mixed tokens
+    out.sum().backward()
+    assert tokens.grad is not None and all(p.grad is not None for p in ads.parameters())
+    # the shuffle and the kept positions are random: same seed, same tokens; another seed, others
+    torch.manual_seed(1)
+    first = ads.grouped(tokens.detach(), 4)
+    torch.manual_seed(1)
+    again = ads.grouped(tokens.detach(), 4)
+    torch.manual_seed(2)
+    other = ads.grouped(tokens.detach(), 4)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    per_token = ads(tokens.detach().unsqueeze(0))
+    assert per_token.shape == (1, 10, 6)
+
+
+def test_ads_steps_train_the_downsampler_and_serve_it(bag_factory):
+    bags = bag_factory(12, dim=8, seed=2, min_size=20, max_size=40)
+    torch.manual_seed(0)
+    model = create_model("abmil", 8, 2, **SMALL_ABMIL)
+    method = create_method("packmil", pack_len=64, min_len=2, downsample="ads", downsample_ratio=4)
+    method.attach(model, total_steps=1)
+    (downsampler,) = method.extra_modules()
+    batch = next(iter(method.make_batches(bags, batch_size=4, generator=torch.Generator().manual_seed(0))))
+    result = method.compute_loss(model.train(), batch, progress=0.0)
+    # long kept parts shrink by r before the model sees them
+    assert result.terms["main_tokens"] <= sum(math.ceil(len(b.features) * 0.5 / 4) for b in bags[:4])
+    result.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in downsampler.parameters())
+    served = method.inference_model(model)
+    assert isinstance(served, PackMILDownsampled) and served.downsampler is downsampler
+    name, kwargs = method.served_model_spec("abmil", SMALL_ABMIL)
+    rebuilt = create_model(name, 8, 2, **kwargs)
+    rebuilt.load_state_dict(served.state_dict())
+    x = bags[0].features.unsqueeze(0)
+    torch.testing.assert_close(rebuilt.eval()(x).logits, served.eval()(x).logits)
+
+
+def test_train_cohort_with_ads_writes_a_card_that_rebuilds_the_served_model(write_cohort, tmp_path):
+    cohort = write_cohort(num_bags=16)
+    config = cohort.config(method="packmil", batch_size=4,
+                           method_kwargs={"pack_len": 64, "min_len": 2, "downsample": "ads", "downsample_ratio": 2})
+    run = tmp_path / "run"
+    train_cohort(config, run)
+    card = read_model_card(run / "fold_0" / "model_card.json")
+    assert card.model_name == "packmil_ads" and card.model_kwargs["base"] == "abmil"
+    model, _ = load_model_from_run(run, 0)
+    assert isinstance(model, PackMILDownsampled)
+    predictions = predict(run, [next(cohort.features_dir.iterdir())], fold=0)
+    assert len(predictions[0].attention) > 0

@@ -1,7 +1,8 @@
-"""`wsi-mil train`, `wsi-mil evaluate`, `wsi-mil predict`: thin shells over `wsi_mil.training`."""
+"""`wsi-mil train`, `evaluate`, `predict` and `localise`: thin shells over `wsi_mil.training`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from rich.table import Table
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
 from wsi_mil.training.config import load_config
+from wsi_mil.training.localisation import localise_run, read_regions, summarise_localisation
 from wsi_mil.training.metrics import SCALAR_METRICS
 from wsi_mil.training.run import evaluate_run, predict, save_predictions, train_cohort
 from wsi_mil.training.trainer import EpochReport
@@ -111,6 +113,40 @@ def predict_command(
     console.print(table)
     if out is not None:
         console.print(f"predictions written to {out}")
+
+
+@app.command()
+def localise(
+    run: Annotated[Path, typer.Argument(help="a run folder made by wsi-mil train")],
+    features: Annotated[Path, typer.Option("--features", help="folder of the run's feature files")],
+    regions: Annotated[Path, typer.Option("--regions", help='JSON {"slide_id": [x, y, w, h]} in level-0 pixels, or a demo cohort.json')],
+    out: Annotated[Path | None, typer.Option("--out", help="write per-slide results and the summary as JSON")] = None,
+    min_overlap: Annotated[float, typer.Option(help="share of a tile's area in the region that makes it positive")] = 0.5,
+    device: Annotated[str, typer.Option(help="cpu | cuda[:N]")] = "cpu",
+) -> None:
+    """Instance-level AUC of attention for the tiles inside known regions, each slide scored by the
+    fold model that held it out."""
+    try:
+        slides = localise_run(run, features, read_regions(regions), min_overlap=min_overlap, device=device)
+    except WsiMilError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    table = Table("slide", "fold", "tiles", "in region", "instance AUC", "attention in region")
+    for s in slides:
+        auc = "n/a" if s.instance_auc is None else f"{s.instance_auc:.3f}"
+        table.add_row(s.slide_id, str(s.fold), str(s.tiles), str(s.positive_tiles), auc, f"{s.attention_in_region:.3f}")
+    console.print(table)
+    summary = summarise_localisation(slides)
+    if summary["instance_auc_mean"] is None:
+        console.print("no held-out slide with a region has both region and non-region tiles")
+    else:
+        console.print(f"mean instance AUC {summary['instance_auc_mean']:.3f} over {summary['slides']} slides "
+                      f"(min {summary['instance_auc_min']:.3f})")
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"summary": summary, "slides": [vars(s) for s in slides]}, indent=2))
+        tmp.replace(out)
+        console.print(f"written to {out}")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -290,9 +290,10 @@ def _train_fold(
     if split.test:
         test = predict_bags(served, cohort.bags(split.test), device=resolve_device(config.device))
         metrics["test"] = classification_metrics(test.labels, test.probs)
+    served_name, served_kwargs = method.served_model_spec(config.model, model_kwargs)
     card = ModelCard(
-        model_name=config.model,
-        model_kwargs=model_kwargs,
+        model_name=served_name,
+        model_kwargs=served_kwargs,
         num_classes=cohort.num_classes,
         class_names=cohort.class_names,
         feature_contract=cohort.contract,

@@ -88,6 +88,10 @@ class TrainingMethod:
         """The model to evaluate and serve (MHIM: the student alone, i.e. `model`)."""
         return model
 
+    def served_model_spec(self, model_name: str, model_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Registry name and kwargs that rebuild `inference_model` (what the model card stores)."""
+        return model_name, model_kwargs
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

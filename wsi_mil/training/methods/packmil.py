@@ -23,11 +23,13 @@ per hyperslide, soft labels in `Batch.soft_labels`) inside `compute_loss`, after
 downsampler.
 
 Deviations from the official code (FangHeng/PackMIL):
-- the downsampler (`downsample="attention"`) is parameter-free: it keeps, of each part with more
-  than `min_len · r` instances, the `ceil(T / r)` instances with the highest attention of the
-  current model (one no-grad, eval-mode forward of the part as a bag). The official ADS is a
-  learned module (score MLP, attention-scaled shortcut, random feature-wise mixing of r tokens)
-  that also runs at inference; ours leaves the served model unchanged;
+- two downsamplers: `downsample="ads"` is the official learned ADS (`wsi_mil.models.packmil_ads`:
+  score MLP, attention-scaled shortcut, random feature-wise mixing of r shuffled tokens while
+  training, the per-token form at evaluation); it trains with the model and the served model is
+  `packmil_ads` (the ADS in front of the model). `downsample="attention"` is our weight-free
+  alternative: it keeps, of each part with more than `min_len · r` instances, the `ceil(T / r)`
+  instances with the highest attention of the current model (one no-grad, eval-mode forward) and
+  leaves the served model unchanged;
 - kept and discarded instances keep their original order (the official parts are shuffled);
   order matters only for order-aware backbones;
 - every slide keeps at least one instance; the last, smaller mini-batch of an epoch is used
@@ -41,17 +43,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
+from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
 from wsi_mil.training.methods import register_method
 from wsi_mil.training.methods.base import Bag, Batch, StepResult, TrainingMethod
 
-Downsample = Literal["none", "attention"]
+Downsample = Literal["none", "attention", "ads"]
 ResidualLoss = Literal["ce", "bce", "focal", "asl_single"]
 
 
@@ -235,7 +239,7 @@ class PackMILMethod(TrainingMethod):
 
     Defaults follow the official argparse values (ρ 0.5, pack length 2400, min length 128);
     `residual_weight` (official `aux_alpha`) 0.2 as in the PANDA/BRCA configs. The served model
-    is the model alone.
+    is the model alone, or `packmil_ads` (the learned downsampler in front of it) with `downsample: ads`.
     """
 
     name = "packmil"
@@ -262,8 +266,10 @@ class PackMILMethod(TrainingMethod):
             raise TrainingConfigError("PackMIL pack_len must be ≥ 1 and min_len ≥ 0 (method_kwargs.pack_len, min_len)")
         if min_len > pack_len:
             raise TrainingConfigError(f"PackMIL min_len ({min_len}) must not exceed pack_len ({pack_len}) (method_kwargs.min_len)")
-        if downsample not in ("none", "attention"):
-            raise TrainingConfigError(f"PackMIL downsample must be 'none' or 'attention', got {downsample!r} (method_kwargs.downsample)")
+        if downsample not in ("none", "attention", "ads"):
+            raise TrainingConfigError(
+                f"PackMIL downsample must be 'none', 'attention' or 'ads', got {downsample!r} (method_kwargs.downsample)"
+            )
         if downsample_ratio < 1:
             raise TrainingConfigError(f"PackMIL downsample_ratio must be ≥ 1, got {downsample_ratio} (method_kwargs.downsample_ratio)")
         if residual_loss not in ("ce", "bce", "focal", "asl_single"):
@@ -277,7 +283,8 @@ class PackMILMethod(TrainingMethod):
         self.min_len = min_len
         self.adaptive_pack_len = adaptive_pack_len
         self.downsample = downsample
-        self.ratio = downsample_ratio if downsample == "attention" else 1
+        self.ratio = downsample_ratio if downsample != "none" else 1
+        self.downsampler: AttentionDownsampler | None = None
         self.residual = residual
         self.residual_weight = residual_weight
         self.residual_loss = residual_loss
@@ -327,10 +334,48 @@ class PackMILMethod(TrainingMethod):
         for start in range(0, len(bags), batch_size):
             yield self.pack([bags[i] for i in range(start, min(start + batch_size, len(bags)))], generator=generator)
 
+    def attach(self, model: MILModel, *, total_steps: int) -> None:
+        """With `downsample: ads`, build the learned downsampler (trained with the model)."""
+        if self.downsample == "ads":
+            self.downsampler = AttentionDownsampler(model.in_dim)
+
+    def extra_modules(self) -> list[nn.Module]:
+        return [self.downsampler] if self.downsampler is not None else []
+
+    def inference_model(self, model: MILModel) -> MILModel:
+        """The model alone, or with `downsample: ads` the model behind the ADS per-token transform."""
+        if self.downsampler is None:
+            return model
+        return PackMILDownsampled(self.downsampler, model)
+
+    def served_model_spec(self, model_name: str, model_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if self.downsample != "ads":
+            return model_name, model_kwargs
+        return "packmil_ads", {"base": model_name, "base_kwargs": model_kwargs, "score_dim": 128}
+
     def _downsampled(self, model: MILModel, parts: Batch) -> Batch:
         if self.downsample == "none":
             return parts
-        return keep_top_attention(model, parts, ratio=self.ratio, min_len=self.min_len)
+        if self.downsample == "attention":
+            return keep_top_attention(model, parts, ratio=self.ratio, min_len=self.min_len)
+        return self._ads(parts, training=model.training)
+
+    def _ads(self, parts: Batch, *, training: bool) -> Batch:
+        """The learned downsampler per row: grouped (T/r mixed tokens) for long parts while
+        training, per token otherwise; empty rows stay empty."""
+        if self.downsampler is None:
+            raise TrainingConfigError("PackMIL with downsample: ads was not attached to a model")
+        rows = []
+        for b in range(parts.features.shape[0]):
+            tokens = parts.features[b, parts.mask[b]]
+            if len(tokens) == 0:
+                rows.append(tokens)
+            elif training and len(tokens) > self.min_len * self.ratio:
+                rows.append(self.downsampler.grouped(tokens, self.ratio))
+            else:
+                rows.append(self.downsampler(tokens.unsqueeze(0))[0])
+        features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+        return Batch(features, mask, parts.labels, parts.slide_ids)
 
     def compute_loss(self, model: MILModel, batch: Batch, *, progress: float) -> StepResult:
         """Main branch on the kept parts (one prediction per slide) + the weighted hyperslide loss."""
