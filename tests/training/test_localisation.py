@@ -8,15 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from wsi_mil.cli import _register_commands, app
 from wsi_mil.demo import make_demo_cohort
-from wsi_mil.errors import RunFolderError
+from wsi_mil.errors import FeatureContractError, RunFolderError
 from wsi_mil.preprocessing.batch import find_slides, run_batch
 from wsi_mil.preprocessing.pipeline import PreprocessConfig
 from wsi_mil.preprocessing.tiling import TilingParams
 from wsi_mil.training import TrainConfig, train_cohort
+from wsi_mil.training.benchmarks_data import write_feature_cohort
 from wsi_mil.training.localisation import (
     instance_auc,
     localise_run,
@@ -24,6 +26,7 @@ from wsi_mil.training.localisation import (
     summarise_localisation,
     tiles_in_region,
 )
+from wsi_mil.training.methods.base import Bag
 from wsi_mil.training.splits import load_split
 
 _register_commands()
@@ -88,6 +91,14 @@ def test_a_region_without_the_lesion_scores_low(demo_run) -> None:
     slides = localise_run(run, features, moved)
     aucs = [s.instance_auc for s in slides if s.instance_auc is not None]
     assert aucs and np.mean(aucs) < 0.6
+
+
+def test_features_that_break_the_feature_contract_are_refused(demo_run, tmp_path) -> None:
+    run, _, regions = demo_run
+    slide_id = next(iter(regions))
+    write_feature_cohort([Bag(torch.randn(5, 16), 1, slide_id)], tmp_path / "other", tmp_path / "labels.csv")
+    with pytest.raises(FeatureContractError):
+        localise_run(run, tmp_path / "other", {slide_id: regions[slide_id]})
 
 
 def test_missing_feature_file_is_a_clear_error(demo_run) -> None:

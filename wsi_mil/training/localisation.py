@@ -24,7 +24,7 @@ from wsi_mil.errors import RunFolderError
 from wsi_mil.preprocessing.feature_file import read_feature_file
 from wsi_mil.training.cohort import index_feature_files
 from wsi_mil.training.methods.base import Bag
-from wsi_mil.training.run import RunLayout, load_model_from_run
+from wsi_mil.training.run import RunLayout, check_feature_contract, load_model_from_run
 from wsi_mil.training.splits import load_split
 from wsi_mil.training.trainer import predict_bags
 
@@ -88,9 +88,11 @@ def localise_run(
         test_ids = [slide_id for slide_id in split.test if slide_id in regions]
         if not test_ids:
             continue
-        model, _ = load_model_from_run(layout.root, fold, device=device)
+        model, card = load_model_from_run(layout.root, fold, device=device)
         for slide_id in test_ids:
             bag = read_feature_file(files[slide_id])
+            check_feature_contract(card.feature_contract, {**bag.attrs, "encoder": bag.encoder},
+                                   feature_dim=bag.feature_dim, source=str(bag.path))
             if bag.coords is None or bag.tile_size_level0 is None:
                 raise RunFolderError(f"{bag.path} has no level-0 coords or tile size; localisation needs both")
             features = torch.from_numpy(np.asarray(bag.features, dtype=np.float32))
