@@ -168,14 +168,16 @@ def summarise_classic(results: list[dict[str, Any]], folds_per_rep: int) -> dict
     by_rep: dict[int, list[dict[str, Any]]] = {}
     for r in results:
         by_rep.setdefault(r["rep"], []).append(r)
-    complete = {rep: rs for rep, rs in by_rep.items() if len(rs) == folds_per_rep}
-    rep_accuracy = [sum(r["correct"] for r in rs) / sum(r["n"] for r in rs) for rs in complete.values()]
+    complete = {rep: rs for rep, rs in sorted(by_rep.items()) if len(rs) == folds_per_rep}
+    by_repetition = {rep: sum(r["correct"] for r in rs) / sum(r["n"] for r in rs) for rep, rs in complete.items()}
+    rep_accuracy = list(by_repetition.values())
     pooled = sum(r["correct"] for r in results) / max(1, sum(r["n"] for r in results))
     sd = statistics.stdev(rep_accuracy) if len(rep_accuracy) > 1 else None
     return {
         "folds_run": len(results),
         "complete_repetitions": len(rep_accuracy),
         "accuracy_per_repetition": rep_accuracy,
+        "accuracy_by_repetition": {str(rep): acc for rep, acc in by_repetition.items()},
         "accuracy_mean": statistics.mean(rep_accuracy) if rep_accuracy else None,
         "accuracy_sd": sd,
         "accuracy_se": sd / math.sqrt(len(rep_accuracy)) if sd is not None else None,
@@ -194,6 +196,8 @@ def main() -> None:
     parser.add_argument("--models", default="attention,gated_attention,*",
                         help="comma list: attention, gated_attention, registered names; * = every other registered model")
     parser.add_argument("--repetitions", type=int, default=5, help="repetitions of 10-fold CV (max 5)")
+    parser.add_argument("--first-repetition", type=int, default=0,
+                        help="skip repetitions before this one (0-based), to add repetitions to an earlier run")
     parser.add_argument("--epochs", type=int, default=40, help="max epochs per fold (early stopping, patience 10)")
     parser.add_argument("--time-budget", type=float, default=3600.0,
                         help="seconds for all classic cells together; no fold starts after it")
@@ -228,7 +232,8 @@ def main() -> None:
     tasks = [
         {"dataset": dataset, "data": str(args.data), "model": name, "rep": rep, "fold": fold, "epochs": args.epochs,
          "device": "cuda" if name in cuda_models else "cpu"}
-        for rep in range(args.repetitions) for dataset in datasets for name in names for fold in range(1, 11)
+        for rep in range(args.first_repetition, args.repetitions)
+        for dataset in datasets for name in names for fold in range(1, 11)
     ]
     finished: list[dict[str, Any]] = []
 
@@ -241,8 +246,10 @@ def main() -> None:
             for name in names:
                 cell_results = [r for r in finished if r["dataset"] == dataset and r["model"] == name]
                 cell = summarise_classic(cell_results, 10)
-                cell["folds_skipped"] = args.repetitions * 10 - len(cell_results) if skipped else 0
+                expected = (args.repetitions - args.first_repetition) * 10
+                cell["folds_skipped"] = expected - len(cell_results) if skipped else 0
                 results["classic"].setdefault(dataset, {})[name] = cell
+        results["classic_folds"] = finished
         args.out.write_text(json.dumps(results, indent=2))
 
     with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
