@@ -23,7 +23,9 @@ test AUC on 1000 test bags against the number of training bags, mean bag size 10
 9 is in the bag, for attention and gated attention; a validation set of a fifth of the training
 bags (extra bags from the training pool) picks the epoch.
 
-The JSON (`--out`) is rewritten after every cell, so an interrupted run keeps what it measured.
+The JSON (`--out`) is rewritten after every fold, so an interrupted run keeps what it measured.
+`--first-repetition` adds repetitions to an earlier run, and `--merge A.json B.json ...` prints one
+table (mean ± sd over the complete repetitions, their count in brackets) from several runs.
 """
 
 from __future__ import annotations
@@ -187,6 +189,34 @@ def summarise_classic(results: list[dict[str, Any]], folds_per_rep: int) -> dict
     }
 
 
+def merged_table(paths: list[Path]) -> str:
+    """A Markdown table of the classic cells of several result files, pooling complete repetitions
+    by repetition index (the first file that has a repetition wins; older files without per-index
+    accuracies hold repetitions 0..k-1, since the folds run repetition by repetition)."""
+    cells: dict[tuple[str, str], dict[int, float]] = {}
+    for path in paths:
+        for dataset, models in json.loads(path.read_text()).get("classic", {}).items():
+            for name, cell in models.items():
+                by_rep = cell.get("accuracy_by_repetition") or dict(enumerate(cell.get("accuracy_per_repetition", [])))
+                for rep, accuracy in by_rep.items():
+                    cells.setdefault((dataset, name), {}).setdefault(int(rep), accuracy)
+    datasets = [d for d in BENCHMARK_DATASETS if any(d == key[0] for key in cells)]
+    names = list(dict.fromkeys(name for _, name in cells))
+    lines = ["| model | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    for name in names:
+        row = []
+        for dataset in datasets:
+            accuracies = list(cells.get((dataset, name), {}).values())
+            if not accuracies:
+                row.append("–")
+            elif len(accuracies) == 1:
+                row.append(f"{accuracies[0]:.3f} (1)")
+            else:
+                row.append(f"{statistics.mean(accuracies):.3f} ± {statistics.stdev(accuracies):.3f} ({len(accuracies)})")
+        lines.append(f"| `{name}` | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Parse the options, run the classic benchmarks then the digits curves, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -209,7 +239,11 @@ def main() -> None:
     parser.add_argument("--digits-time-box", type=float, default=600.0, help="seconds per digits model")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     parser.add_argument("--quick", action="store_true", help="1 repetition, 20 epochs, 600 s budget, digits 50/200/500 × 2")
+    parser.add_argument("--merge", type=Path, nargs="+", help="print the merged classic table of these result files and exit")
     args = parser.parse_args()
+    if args.merge:
+        print(merged_table(args.merge))
+        return
     if args.quick:
         args.repetitions, args.epochs, args.time_budget = 1, 20, 600.0
         args.digits_sizes, args.digits_repetitions, args.digits_time_box = "50,200,500", 2, 300.0
