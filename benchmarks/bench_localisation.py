@@ -4,7 +4,7 @@ tiles of the known lesion, every slide scored by the fold model that held it out
     uv run --locked python benchmarks/bench_localisation.py [--slides 16] [--models abmil,dsmil,...]
 
 The cohort is `wsi_mil.demo`'s synthetic slides (half carry a lesion box of dense, large nuclei),
-preprocessed with the demo's encoder (random weights, recorded as such) at the demo's tiling, then
+preprocessed as `make demo` does (`preprocess_demo`: random encoder weights, recorded as such), then
 trained per model with the demo's settings (k-fold, Adam-W lr 1e-3, 30 epochs, no early stop).
 A tile is positive when half its area lies in the lesion box. "attention in lesion" is the share
 of the attention mass on lesion tiles; chance is the lesion's share of the tiles.
@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from wsi_mil.demo import make_demo_cohort
-from wsi_mil.preprocessing.batch import find_slides, run_batch
-from wsi_mil.preprocessing.pipeline import PreprocessConfig
+from wsi_mil.demo.run import preprocess_demo
 from wsi_mil.training import TrainConfig, train_cohort
 from wsi_mil.training.localisation import localise_run, summarise_localisation
 
@@ -35,7 +33,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".cache" / "localisation")
     parser.add_argument("--slides", type=int, default=16)
-    parser.add_argument("--size", type=int, default=3072, help="slide side in pixels (the demo's)")
     parser.add_argument("--encoder", default="resnet50-trunc")
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--folds", type=int, default=4)
@@ -45,9 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    cohort = make_demo_cohort(args.work / "slides", num_slides=args.slides, size=args.size, seed=args.seed)
-    config = PreprocessConfig(encoder=args.encoder, weights="random", num_workers=2)
-    results = run_batch(find_slides([str(args.work / "slides")]), args.work / "preprocessed", config)
+    cohort, results = preprocess_demo(args.work, slides=args.slides, encoder=args.encoder)
     failed = [r for r in results if r.status not in ("done", "skipped")]
     if failed:
         raise SystemExit(f"preprocessing failed: {[(r.slide_id, r.reason) for r in failed]}")
@@ -55,8 +50,8 @@ def main() -> None:
     regions = {s.slide_id: s.lesion_box for s in cohort if s.lesion_box is not None}
     features_dir = args.work / "preprocessed" / "features"
     report: dict[str, Any] = {
-        "cohort": {"slides": args.slides, "size": args.size, "encoder": args.encoder, "weights": "random",
-                   "lesion_slides": len(regions), "seed": args.seed},
+        "cohort": {"slides": args.slides, "size": cohort[0].width, "encoder": args.encoder, "weights": "random",
+                   "lesion_slides": len(regions)},
         "training": {"folds": args.folds, "epochs": args.epochs, "lr": 1e-3},
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "models": {},
