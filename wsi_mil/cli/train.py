@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +19,12 @@ from rich.table import Table
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
 from wsi_mil.training.config import load_config
-from wsi_mil.training.localisation import localise_run, read_regions, summarise_localisation
+from wsi_mil.training.localisation import (
+    localise_run,
+    read_regions,
+    save_localisation,
+    summarise_localisation,
+)
 from wsi_mil.training.metrics import SCALAR_METRICS
 from wsi_mil.training.run import evaluate_run, predict, save_predictions, train_cohort
 from wsi_mil.training.trainer import EpochReport
@@ -143,9 +147,7 @@ def localise(
         console.print(f"mean instance AUC {summary['instance_auc_mean']:.3f} over {summary['slides']} slides "
                       f"(min {summary['instance_auc_min']:.3f})")
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"summary": summary, "slides": [vars(s) for s in slides]}, indent=2))
-        tmp.replace(out)
+        save_localisation(slides, out)
         console.print(f"written to {out}")
 
 

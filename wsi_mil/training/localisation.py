@@ -24,7 +24,12 @@ from wsi_mil.errors import RunFolderError
 from wsi_mil.preprocessing.feature_file import read_feature_file
 from wsi_mil.training.cohort import index_feature_files
 from wsi_mil.training.methods.base import Bag
-from wsi_mil.training.run import RunLayout, check_feature_contract, load_model_from_run
+from wsi_mil.training.run import (
+    RunLayout,
+    check_feature_contract,
+    load_model_from_run,
+    write_text_atomic,
+)
 from wsi_mil.training.splits import load_split
 from wsi_mil.training.trainer import predict_bags
 
@@ -143,3 +148,9 @@ def summarise_localisation(results: Sequence[SlideLocalisation]) -> dict[str, An
         "attention_in_region_mean": statistics.mean(r.attention_in_region for r in results) if results else None,  # NaN if any slide has none
         "positive_tile_fraction_mean": statistics.mean(r.positive_tiles / r.tiles for r in results) if results else None,
     }
+
+
+def save_localisation(results: Sequence[SlideLocalisation], path: Path | str) -> None:
+    """Write the summary and the per-slide results as JSON (atomically)."""
+    payload = {"summary": summarise_localisation(results), "slides": [vars(r) for r in results]}
+    write_text_atomic(Path(path), json.dumps(payload, indent=2))

@@ -159,7 +159,8 @@ class Prediction:
     fold: int
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary name beside `path`, then rename it into place."""
     tmp = path.with_name(f"{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -306,7 +307,7 @@ def _train_fold(
         selection_metric=config.selection_metric,
         metrics=metrics,
     )
-    _write_atomic(layout.card(fold), card.model_dump_json(indent=2))
+    write_text_atomic(layout.card(fold), card.model_dump_json(indent=2))
     log.info("fold %d done: best epoch %d, val %s %.4f", fold, result.best_epoch, config.selection_metric, result.best_score)
 
 
@@ -438,7 +439,7 @@ def evaluate_run(
         labels = np.concatenate([p.labels for _, p in parts["test"]])
         probs = np.concatenate([p.probs for _, p in parts["test"]])
         metrics["pooled_test"] = classification_metrics(labels, probs, bootstrap_samples=samples, seed=config.seed)
-    _write_atomic(layout.metrics, json.dumps(metrics, indent=2))
+    write_text_atomic(layout.metrics, json.dumps(metrics, indent=2))
     _write_predictions_csv(layout.predictions, rows, cohort.class_names)
     plotted = parts["test"] or parts["val"]
     plot_part = "test" if parts["test"] else "val"
@@ -605,7 +606,7 @@ def save_predictions(predictions: Sequence[Prediction], path: Path | str) -> Non
             }
             for p in predictions
         ]
-        _write_atomic(path, json.dumps(payload))
+        write_text_atomic(path, json.dumps(payload))
         return
     if path.suffix.lower() != ".csv":
         raise TrainingConfigError(f"predictions file {path} must end in .csv or .json (--out)")
