@@ -1,0 +1,74 @@
+"""Atomic writes: the target is either the old file or the complete new one, never a fragment."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from wsi_mil.atomic import (
+    atomic_open,
+    atomic_path,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def test_write_text_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "sub" / "card.json"
+    write_text_atomic(target, "first")
+    write_text_atomic(target, "second ünïcode")
+    assert target.read_text(encoding="utf-8") == "second ünïcode"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["card.json"]
+
+
+def test_failure_mid_write_keeps_old_content_and_removes_temporary(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old")
+
+    class Boom(RuntimeError):
+        pass
+
+    with pytest.raises(Boom), atomic_open(target) as stream:
+        stream.write("half a ta")
+        raise Boom
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_atomic_path_for_writers_that_take_a_name(tmp_path):
+    target = tmp_path / "weights.bin"
+    with atomic_path(target) as temp:
+        assert temp.parent == tmp_path and temp != target
+        assert not target.exists()
+        temp.write_bytes(b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+
+    with pytest.raises(ValueError), atomic_path(target) as temp:
+        temp.write_bytes(b"partial")
+        raise ValueError("writer failed")
+    assert target.read_bytes() == b"\x00\x01"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+
+
+def test_new_files_get_umask_permissions_not_private_ones(tmp_path):
+    target = tmp_path / "out.bin"
+    write_bytes_atomic(target, b"x")
+    assert target.stat().st_mode & 0o044, "group/other read bits should follow the umask, not mkstemp's 0o600"
+
+
+def test_json_encodes_numpy_and_refuses_nan(tmp_path):
+    target = tmp_path / "status.json"
+    write_json_atomic({"tiles": np.int64(3), "coords": np.arange(2), "path": tmp_path}, target)
+    assert json.loads(target.read_text()) == {"tiles": 3, "coords": [0, 1], "path": str(tmp_path)}
+    with pytest.raises(ValueError):
+        write_json_atomic({"x": math.nan}, target)
+    assert json.loads(target.read_text())["tiles"] == 3
+
+
+def test_read_modes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="mode"), atomic_open(tmp_path / "x", "r"):
+        pass
