@@ -1,4 +1,4 @@
-"""DSMIL: critical instances, the two streams against the official formulas, the loss mix."""
+"""DSMIL: critical instances, the two streams against the official formulas, the official loss and init."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from wsi_mil.models import create_model
+from wsi_mil.models.base import MILOutput
 from wsi_mil.models.dsmil import DSMIL
+from wsi_mil.training.methods import create_method
+from wsi_mil.training.methods.base import Batch, TrainingMethod
+from wsi_mil.training.run import resolved_model_kwargs
 
 
 def small_dsmil(**options: object) -> DSMIL:
@@ -62,19 +66,74 @@ def test_default_layers_follow_the_current_official_code() -> None:
     assert model.bag_classifier.kernel_size == (512,)
 
 
-def test_loss_mix_reproduces_the_official_half_and_half() -> None:
+def _official_loss(bag_logits: torch.Tensor, max_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`train_tcga.py`: 0.5 · BCEWithLogits(bag, one-hot) + 0.5 · BCEWithLogits(max instance, one-hot)."""
+    one_hot = F.one_hot(labels, bag_logits.shape[-1]).float()
+    bce = torch.nn.BCEWithLogitsLoss()
+    return 0.5 * bce(bag_logits, one_hot) + 0.5 * bce(max_logits, one_hot)
+
+
+def test_trainer_loss_is_the_official_loss_on_a_hand_computed_bag() -> None:
     model = small_dsmil()
-    x, labels = torch.randn(2, 9, 16), torch.tensor([2, 0])
+    # One bag of class 1 (of 2): bag logits (0, ln 3), max-instance logits (ln 3, 0).
+    output = MILOutput(
+        logits=torch.tensor([[0.0, math.log(3.0)]]),
+        attention=torch.ones(1, 1),
+        extras={"max_instance_logits": torch.tensor([[math.log(3.0), 0.0]])},
+    )
+    batch = Batch(torch.zeros(1, 1, 16), torch.ones(1, 1, dtype=torch.bool), torch.tensor([1]))
+    result = TrainingMethod().supervised_loss(model, output, batch)
+    # BCE(z, 1) = ln(1 + e^-z), BCE(z, 0) = ln(1 + e^z), each stream averaged over its 2 classes:
+    # bag (ln 2 + ln 4/3) / 2, max instance (ln 4 + ln 2) / 2; official = half of each = ln(64/3) / 4.
+    official = math.log(64.0 / 3.0) / 4.0
+    assert result.terms["bag"] == pytest.approx((math.log(2.0) + math.log(4.0 / 3.0)) / 2.0)
+    assert result.terms["max_instance"] == pytest.approx((math.log(4.0) + math.log(2.0)) / 2.0)
+    assert float(result.loss) * 0.5 == pytest.approx(official)  # the trainer's total = official / bag_weight
+
+
+def test_trainer_loss_of_a_forward_pass_is_the_official_loss() -> None:
+    model = small_dsmil()
+    batch = Batch(torch.randn(2, 9, 16), torch.ones(2, 9, dtype=torch.bool), torch.tensor([2, 0]))
     with torch.no_grad():
-        out = model(x)
-        aux = model.aux_losses(out, labels)["max_instance"]
-        one_hot = F.one_hot(labels, 3).float()
-        bag_loss = F.binary_cross_entropy_with_logits(out.logits, one_hot)
-        max_loss = F.binary_cross_entropy_with_logits(
-            model.instance_classifier(x).max(dim=1).values, one_hot
-        )
-    official = 0.5 * bag_loss + 0.5 * max_loss
-    torch.testing.assert_close((bag_loss + aux) * 0.5, official)  # trainer total = official / 0.5
+        result = create_method("plain").compute_loss(model, batch, progress=0.0)
+        classes = model.instance_classifier(batch.features)  # [B, N, C]
+    official = _official_loss(result.output.logits, classes.max(dim=1).values, batch.labels)
+    torch.testing.assert_close(result.loss * model.bag_weight, official)
+
+
+def test_cross_entropy_bag_loss_option() -> None:
+    model = small_dsmil(bag_loss="ce")
+    batch = Batch(torch.randn(2, 9, 16), torch.ones(2, 9, dtype=torch.bool), torch.tensor([1, 2]))
+    with torch.no_grad():
+        result = create_method("plain").compute_loss(model, batch, progress=0.0)
+    expected = F.cross_entropy(result.output.logits, batch.labels)
+    assert result.terms["bag"] == pytest.approx(float(expected))
+
+
+def test_bce_bag_loss_weights_each_bag_by_its_class_weight() -> None:
+    model = small_dsmil()
+    logits, labels = torch.randn(3, 3), torch.tensor([0, 2, 2])
+    weights = torch.tensor([1.0, 5.0, 3.0])
+    output = MILOutput(logits=logits, attention=torch.ones(3, 1))
+    loss = model.bag_loss(output, labels, class_weights=weights)
+    per_bag = F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, 3).float(), reduction="none").mean(1)
+    torch.testing.assert_close(loss, (per_bag * weights[labels]).sum() / weights[labels].sum())
+
+
+def test_init_is_orthogonal_with_zero_biases() -> None:
+    model = create_model("dsmil", 16, 3, query_dim=8, passing_v=True)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)]
+    assert len(layers) == 5  # instance classifier, 2 query layers, value layer, bag classifier
+    for layer in layers:
+        weight = layer.weight.detach().flatten(1)  # Conv1d [C, C, D] -> [C, C·D]
+        gram = weight @ weight.T if weight.shape[0] <= weight.shape[1] else weight.T @ weight
+        torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-5, rtol=0)
+        assert layer.bias is not None and torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_the_run_records_the_loss_defaults() -> None:
+    kwargs = resolved_model_kwargs("dsmil", {})
+    assert kwargs["bag_loss"] == "bce" and kwargs["max_instance_loss"] == "bce"
 
 
 def test_cross_entropy_max_instance_loss_option() -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wsi_mil.models.layers_targets import bag_cross_entropy
+
 
 @dataclass(frozen=True)
 class MILOutput:
@@ -58,6 +60,16 @@ class MILModel(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         raise NotImplementedError
+
+    def bag_loss(
+        self, output: MILOutput, target: torch.Tensor, *, class_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The bag loss the trainer minimises: cross-entropy of `output.logits` by default.
+
+        `target` is class indices `[B]` or soft labels `[B, C]`; `class_weights` `[C]` weigh the
+        classes. Models whose official loss differs (DSMIL: per-class BCE) override this.
+        """
+        return bag_cross_entropy(output.logits, target, class_weights)
 
     def aux_losses(self, output: MILOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Label-dependent auxiliary losses (e.g. CLAM's instance clustering). Default: none."""

@@ -7,10 +7,15 @@ values `v_n = h_n` (or Dropout + Linear(D→D) + ReLU with `passing_v`); the cri
 class k is `m_k = argmax_n c_{n,k}`; attention `A_{k,n} = softmax_n(⟨q_n, q_{m_k}⟩ / √128)`; bag
 matrix `b_k = Σ_n A_{k,n} v_n` `[C, D]`; bag logits by Conv1d(C→C, kernel D) over it.
 
-Loss: the official total is `0.5 · BCE(bag logits) + 0.5 · BCE(max-instance logits)` on one-hot
-labels. The trainer adds `aux_losses` to its own bag loss, so `aux_losses(output, target)` returns
-`{"max_instance": (1 − bag_weight) / bag_weight · L_max}` (weight 1 with the official 0.5/0.5):
-the official total times 1 / bag_weight. `max_instance_loss="bce"` (default, official) or `"ce"`.
+Loss (`train_tcga.py`): `0.5 · BCE(bag logits, one-hot) + 0.5 · BCE(max-instance logits, one-hot)`
+with `BCEWithLogitsLoss` (mean over the classes). Here the trainer's bag term is the model's
+`bag_loss` (per-class BCE on one-hot labels by default, `bag_loss="ce"` for softmax cross-entropy)
+and `aux_losses` adds `{"max_instance": (1 − bag_weight) / bag_weight · L_max}`, so the total is
+the official loss divided by `bag_weight` (CLAM's convention in this package; a constant factor
+that Adam/AdamW steps ignore). `max_instance_loss="bce"` (default, official) or `"ce"`.
+
+Init (`train_tcga.py`, `apply_sparse_init`): every Linear and Conv1d weight orthogonal, every bias
+zero; applied at construction.
 
 Deviations from the official code:
 - padded batches: instance logits of padding are excluded from the max / argmax and padding
@@ -27,16 +32,24 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsi_mil.errors import ModelConfigError
 from wsi_mil.models.base import MILModel, MILOutput, resolve_mask
 from wsi_mil.models.layers import masked_fill_logits, masked_max, masked_softmax
-from wsi_mil.models.layers_targets import class_indices, one_hot_targets
+from wsi_mil.models.layers_targets import bag_binary_cross_entropy, bag_cross_entropy
 from wsi_mil.models.registry import register_model
 
-MaxInstanceLoss = Literal["bce", "ce"]
+StreamLoss = Literal["bce", "ce"]
+
+
+def orthogonal_init_(module: nn.Module) -> None:
+    """DSMIL's official init: orthogonal weights and zero biases for every Linear and Conv1d."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d)):
+            nn.init.orthogonal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class DSMIL(MILModel):
@@ -60,16 +73,17 @@ class DSMIL(MILModel):
         passing_v: bool = False,
         value_dropout: float = 0.0,
         bag_weight: float = 0.5,
-        max_instance_loss: MaxInstanceLoss = "bce",
+        bag_loss: StreamLoss = "bce",
+        max_instance_loss: StreamLoss = "bce",
     ) -> None:
         super().__init__(in_dim, num_classes)
         if not 0.0 < bag_weight <= 1.0:
             raise ModelConfigError(f"dsmil: bag_weight must be in (0, 1], got {bag_weight}")
-        if max_instance_loss not in ("bce", "ce"):
-            raise ModelConfigError(
-                f"dsmil: max_instance_loss must be 'bce' or 'ce', got {max_instance_loss!r}"
-            )
+        for option, value in (("bag_loss", bag_loss), ("max_instance_loss", max_instance_loss)):
+            if value not in ("bce", "ce"):
+                raise ModelConfigError(f"dsmil: {option} must be 'bce' or 'ce', got {value!r}")
         self.bag_weight = bag_weight
+        self.bag_loss_kind = bag_loss
         self.max_instance_loss = max_instance_loss
         self.query_scale = 1.0 / math.sqrt(query_dim)
         self.instance_classifier = nn.Linear(in_dim, num_classes)
@@ -86,6 +100,7 @@ class DSMIL(MILModel):
             else nn.Identity()
         )
         self.bag_classifier = nn.Conv1d(num_classes, num_classes, kernel_size=in_dim)
+        orthogonal_init_(self)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = resolve_mask(x, mask)
@@ -116,18 +131,29 @@ class DSMIL(MILModel):
             },
         )
 
+    def bag_loss(
+        self, output: MILOutput, target: torch.Tensor, *, class_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The bag stream's loss: per-class BCE on one-hot labels (official) or cross-entropy."""
+        return self._stream_loss(self.bag_loss_kind, output.logits, target, class_weights)
+
     def aux_losses(self, output: MILOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """DSMIL's max-instance loss, scaled by (1 − bag_weight) / bag_weight."""
-        max_logits = output.extras["max_instance_logits"].float()  # [B, C]
-        if self.max_instance_loss == "bce":
-            loss = F.binary_cross_entropy_with_logits(
-                max_logits, one_hot_targets(target, self.num_classes).to(max_logits.device)
-            )
-        else:
-            loss = F.cross_entropy(
-                max_logits, class_indices(target, self.num_classes).to(max_logits.device)
-            )
+        max_logits = output.extras["max_instance_logits"]  # [B, C]
+        loss = self._stream_loss(self.max_instance_loss, max_logits, target.to(max_logits.device))
         return {"max_instance": (1.0 - self.bag_weight) / self.bag_weight * loss}
+
+    @staticmethod
+    def _stream_loss(
+        kind: StreamLoss,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        class_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """BCE on one-hot (or soft) targets, or cross-entropy, of one stream's logits `[B, C]`."""
+        if kind == "ce":
+            return bag_cross_entropy(logits, target, class_weights)
+        return bag_binary_cross_entropy(logits, target, class_weights)
 
 
 @register_model
@@ -140,9 +166,10 @@ def dsmil(
     passing_v: bool = False,
     value_dropout: float = 0.0,
     bag_weight: float = 0.5,
-    max_instance_loss: MaxInstanceLoss = "bce",
+    bag_loss: StreamLoss = "bce",
+    max_instance_loss: StreamLoss = "bce",
 ) -> DSMIL:
-    """DSMIL: max-instance stream + critical-instance attention bag stream (0.5/0.5 loss mix)."""
+    """DSMIL: max-instance stream + critical-instance attention bag stream (0.5/0.5 BCE loss mix)."""
     return DSMIL(
         in_dim,
         num_classes,
@@ -151,5 +178,6 @@ def dsmil(
         passing_v=passing_v,
         value_dropout=value_dropout,
         bag_weight=bag_weight,
+        bag_loss=bag_loss,
         max_instance_loss=max_instance_loss,
     )

@@ -77,6 +77,11 @@ class PackMILDownsampled(MILModel):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         return self.base(self.downsampler(x, mask), mask)
 
+    def bag_loss(
+        self, output: MILOutput, target: torch.Tensor, *, class_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.base.bag_loss(output, target, class_weights=class_weights)
+
     def aux_losses(self, output: MILOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.base.aux_losses(output, target)
 

@@ -52,7 +52,8 @@ class Bag:
 
 
 class TrainingMethod:
-    """Base method = plain supervised MIL: bag cross-entropy + the model's own auxiliary losses.
+    """Base method = plain supervised MIL: the model's bag loss (`MILModel.bag_loss`, cross-entropy
+    unless the model overrides it) + the model's own auxiliary losses.
 
     Subclasses override the hooks they need. `weights` scales named auxiliary loss terms
     (e.g. `{"diversity": 1.0}`); terms without a weight count with weight 1.
@@ -100,14 +101,10 @@ class TrainingMethod:
 
     # shared helper for subclasses
     def supervised_loss(self, model: MILModel, output: MILOutput, batch: Batch, extra: dict[str, torch.Tensor] | None = None) -> StepResult:
-        """Bag CE (soft targets when given) + the model's aux losses + `extra` terms, each weighted."""
+        """The model's bag loss (soft targets when given) + its aux losses + `extra` terms, each weighted."""
         weight = None if self.class_weights is None else self.class_weights.to(output.logits.device)
-        if batch.soft_labels is not None:
-            weighted = batch.soft_labels if weight is None else batch.soft_labels * weight
-            log_probs = torch.log_softmax(output.logits.float(), dim=-1)
-            bag_loss = torch.sum(-weighted * log_probs) / (weighted.sum() if weight is not None else len(weighted))
-        else:
-            bag_loss = nn.functional.cross_entropy(output.logits.float(), batch.labels, weight=weight)
+        target = batch.labels if batch.soft_labels is None else batch.soft_labels
+        bag_loss = model.bag_loss(output, target, class_weights=weight)
         terms: dict[str, torch.Tensor] = {"bag": bag_loss}
         terms.update(output.aux_losses)
         terms.update(model.aux_losses(output, batch.labels))
