@@ -1,12 +1,17 @@
-"""TransMIL: masked Nyström attention, the official square fill + PPEG layout, the cls attention."""
+"""TransMIL: masked and official Nyström attention, the official square fill + PPEG layout, the cls attention."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+from wsi_mil.errors import ModelConfigError
 from wsi_mil.models import create_model
 from wsi_mil.models.transmil import MaskedNystromAttention, TransMIL, newton_schulz_pinv
 
@@ -19,21 +24,58 @@ def small_transmil(**options: object) -> TransMIL:
     return TransMIL(12, 3, **{**defaults, **options}).eval()  # type: ignore[arg-type]
 
 
-def official_forward(model: TransMIL, x: torch.Tensor) -> torch.Tensor:
+Attend = Callable[[MaskedNystromAttention, torch.Tensor], torch.Tensor]
+
+
+def our_attention(attention: MaskedNystromAttention, x: torch.Tensor) -> torch.Tensor:
+    """Our attention layer on one whole bag `[1, n, E]` (no padding)."""
+    return attention(x, torch.ones(x.shape[:2], dtype=torch.bool))[0]
+
+
+def official_nystrom(attention: MaskedNystromAttention, x: torch.Tensor) -> torch.Tensor:
+    """The official Nyström layer (lucidrains' `NystromAttention`, no mask) on one bag `[1, n, E]`,
+    written out independently: zero left-padding to a multiple of m, landmarks = segment sums / l
+    (padding included), plain softmaxes, a pseudo-inverse scaled by the global maxima."""
+    _, n, dim = x.shape
+    m, heads = attention.num_landmarks, attention.num_heads
+    pad = (-n) % m
+    x = torch.cat([x.new_zeros(1, pad, dim), x], dim=1)
+    total = n + pad
+    q, k, v = (
+        t.reshape(1, total, heads, dim // heads).transpose(1, 2)
+        for t in attention.to_qkv(x).chunk(3, dim=-1)
+    )
+    q = q * (dim // heads) ** -0.5
+    length = math.ceil(n / m)
+    q_landmarks = q.reshape(1, heads, m, length, -1).sum(dim=3) / length
+    k_landmarks = k.reshape(1, heads, m, length, -1).sum(dim=3) / length
+    to_landmarks = torch.softmax(q @ k_landmarks.transpose(-1, -2), dim=-1)
+    kernel = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2), dim=-1)
+    from_landmarks = torch.softmax(q_landmarks @ k.transpose(-1, -2), dim=-1)
+    inverse = kernel.transpose(-1, -2) / (kernel.abs().sum(-1).max() * kernel.abs().sum(-2).max())
+    eye = torch.eye(m)
+    for _ in range(attention.pinv_iterations):
+        product = kernel @ inverse
+        inverse = 0.25 * inverse @ (13 * eye - product @ (15 * eye - product @ (7 * eye - product)))
+    out = to_landmarks @ inverse @ (from_landmarks @ v) + attention.value_conv(v)
+    out = attention.to_out(out.transpose(1, 2).reshape(1, total, dim))
+    return out[:, -n:]
+
+
+def official_forward(model: TransMIL, x: torch.Tensor, attend: Attend = our_attention) -> torch.Tensor:
     """The official single-bag forward (wrap-around fill, cls first, row-major PPEG grid)."""
     h = model.projection(x)  # [1, N, E]
-    num_instances = h.shape[1]
+    num_instances, hidden = h.shape[1], h.shape[2]
     side = math.ceil(math.sqrt(num_instances))
     h = torch.cat([h, h[:, : side * side - num_instances]], dim=1)
     h = torch.cat([model.cls_token, h], dim=1)
-    everything = torch.ones(h.shape[:2], dtype=torch.bool)
-    h = h + model.layer1.attention(model.layer1.norm(h), everything)[0]
+    h = h + attend(model.layer1.attention, model.layer1.norm(h))
     cls, tokens = h[:, :1], h[:, 1:]
-    grid = tokens.transpose(1, 2).reshape(1, HIDDEN, side, side)
+    grid = tokens.transpose(1, 2).reshape(1, hidden, side, side)
     ppeg = model.ppeg
     grid = ppeg.conv7(grid) + grid + ppeg.conv5(grid) + ppeg.conv3(grid)
     h = torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
-    h = h + model.layer2.attention(model.layer2.norm(h), everything)[0]
+    h = h + attend(model.layer2.attention, model.layer2.norm(h))
     return model.classifier(model.norm(h)[:, 0])
 
 
@@ -129,3 +171,94 @@ def test_output_depends_on_instance_order() -> None:
         swapped = model(x[:, [1, 0, *range(2, 9)]]).logits
         assert not torch.allclose(model(x).logits, swapped, atol=1e-4)
     assert TransMIL.permutation_invariant is False
+
+
+def _padded(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(bag.shape[1] for bag in bags)
+    x = torch.randn(len(bags), longest, bags[0].shape[2]) * 50.0  # padding filled with large noise
+    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        x[i, : bag.shape[1]], mask[i, : bag.shape[1]] = bag[0], True
+    return x, mask
+
+
+@pytest.mark.parametrize("num_instances", [1, 5, 14, 50])
+def test_official_padding_reproduces_the_official_nystrom_computation(num_instances: int) -> None:
+    model = small_transmil(nystrom_padding="official")
+    x = torch.randn(1, num_instances, 12)
+    with torch.no_grad():
+        expected = official_forward(model, x, official_nystrom)
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-6, rtol=0)
+        masked = small_transmil()  # same seed: same weights, our masked default
+        assert not torch.allclose(masked(x).logits, expected, atol=1e-3)
+
+
+def test_official_padding_at_the_default_size_and_in_a_padded_batch() -> None:
+    torch.manual_seed(0)
+    model = TransMIL(32, 2, nystrom_padding="official").eval()  # 512-d, 8 heads, 256 landmarks
+    bags = [torch.randn(1, n, 32) for n in (300, 40, 700)]  # left-padding 187, 215, 30
+    x, mask = _padded(bags)
+    with torch.no_grad():
+        batched = model(x, mask).logits
+        expected = torch.cat([official_forward(model, bag, official_nystrom) for bag in bags])
+    torch.testing.assert_close(batched, expected, atol=2e-6, rtol=0)
+
+
+def test_unknown_nystrom_padding_is_refused() -> None:
+    with pytest.raises(ModelConfigError, match="nystrom_padding"):
+        small_transmil(nystrom_padding="zeros")
+
+
+def _package_attention(ours: MaskedNystromAttention, dim: int) -> torch.nn.Module:
+    """lucidrains' `NystromAttention` as TransMIL builds it, holding our layer's weights."""
+    package = pytest.importorskip("nystrom_attention", reason="nystrom-attention is not installed")
+    official = package.NystromAttention(
+        dim=dim, dim_head=dim // ours.num_heads, heads=ours.num_heads, num_landmarks=ours.num_landmarks,
+        pinv_iterations=ours.pinv_iterations, residual=True, dropout=0.1,
+    )
+    state = {k.replace("value_conv", "res_conv"): v for k, v in ours.state_dict().items()}
+    official.load_state_dict(state)
+    return official.eval()
+
+
+def test_official_padding_matches_the_nystrom_attention_package() -> None:
+    torch.manual_seed(0)
+    ours = MaskedNystromAttention(64, num_heads=8, num_landmarks=32, padding="official").eval()
+    official = _package_attention(ours, 64)
+    x = torch.randn(1, 101, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(our_attention(ours, x), official(x), atol=1e-6, rtol=0)
+
+
+OFFICIAL_TRANSMIL = os.environ.get("WSI_MIL_OFFICIAL_TRANSMIL")
+
+
+@pytest.mark.skipif(
+    not OFFICIAL_TRANSMIL,
+    reason="set WSI_MIL_OFFICIAL_TRANSMIL to models/TransMIL.py of szc19990412/TransMIL (not shipped)",
+)
+@pytest.mark.parametrize("num_instances", [100, 1500])
+def test_official_padding_matches_the_official_transmil_module(
+    num_instances: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("nystrom_attention", reason="nystrom-attention is not installed")
+    spec = importlib.util.spec_from_file_location("official_transmil", Path(str(OFFICIAL_TRANSMIL)))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)  # its forward calls .cuda()
+    torch.manual_seed(0)
+    official = module.TransMIL(n_classes=2).eval()
+    renamed = {"_fc1.": "projection.", "_fc2.": "classifier.", "pos_layer.proj1.": "ppeg.conv5.",
+               "pos_layer.proj2.": "ppeg.conv3.", "pos_layer.proj.": "ppeg.conv7.", ".attn.": ".attention.",
+               "res_conv": "value_conv"}
+    state = {}
+    for key, value in official.state_dict().items():
+        for old, new in renamed.items():
+            key = key.replace(old, new)
+        state[key] = value
+    ours = TransMIL(1024, 2, nystrom_padding="official").eval()
+    ours.load_state_dict(state)
+    x = torch.randn(1, num_instances, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, official(data=x)["logits"], atol=1e-5, rtol=0)

@@ -31,6 +31,14 @@ Deviations from the official code:
 - wrap-around copies stay real tokens (as officially); the square fill uses each bag's own valid
   instances in their stored order.
 
+`nystrom_padding="official"` reproduces the official computation instead, bag by bag: the
+left-padding zeros count in the landmark means (each segment sum is divided by its full length
+l), every landmark is a column and a row of the kernel (an all-padding landmark is a zero vector
+whose kernel row is uniform), and the padding keys take part in the softmax over the keys with
+score 0 (their values are zero). Weights trained with the official code then give the official
+predictions; the default `"masked"` stays closer to exact softmax attention. Padding of the batch
+stays masked in both modes, so both are padding invariant.
+
 `attention` is not something TransMIL computes: it is an approximate map (Nyström attention has
 no exact per-token weights). We take the exact softmax attention of the class-token query over
 the keys of the last layer, `softmax(q_cls · Kᵀ / √d)` (the row the Nyström layer approximates),
@@ -41,13 +49,17 @@ instances. `maps["head_attention"]` `[B, heads, N]` holds the per-head maps.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from wsi_mil.errors import ModelConfigError
 from wsi_mil.models.base import MILModel, MILOutput, resolve_mask
-from wsi_mil.models.layers import masked_softmax
+from wsi_mil.models.layers import masked_fill_logits, masked_softmax
 from wsi_mil.models.registry import register_model
+
+NystromPadding = Literal["masked", "official"]
 
 
 def newton_schulz_pinv(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -67,12 +79,25 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
     return inverse
 
 
+def softmax_with_zero_keys(
+    scores: torch.Tensor, key_valid: torch.Tensor, zero_keys: torch.Tensor
+) -> torch.Tensor:
+    """Softmax over the valid keys of `scores` `[B, H, r, n]` as if each bag also had `zero_keys[b]`
+    extra keys of score 0 (the official zero left-padding); returns the valid keys' weights."""
+    filled = masked_fill_logits(scores, key_valid.expand_as(scores))
+    pad_term = torch.log(zero_keys.to(scores.dtype)).view(-1, 1, 1, 1).expand(*scores.shape[:-1], 1)
+    normaliser = torch.logsumexp(torch.cat([filled, pad_term], dim=-1), dim=-1, keepdim=True)
+    return torch.exp(filled - normaliser) * key_valid
+
+
 class MaskedNystromAttention(nn.Module):
     """Multi-head Nyström self-attention with a key-padding mask and per-bag landmarks.
 
     Each bag's landmarks come from its own valid tokens exactly as if it were alone (left-padded
     to a multiple of `num_landmarks`), so its output does not depend on the batch's padding.
     Valid tokens must form a prefix of each row (the depthwise value convolution sees positions).
+    `padding="official"` lets the left-padding zeros take part as the official code does (module
+    docstring).
     """
 
     def __init__(
@@ -84,14 +109,20 @@ class MaskedNystromAttention(nn.Module):
         pinv_iterations: int = 6,
         residual_kernel: int = 33,
         dropout: float = 0.1,
+        padding: NystromPadding = "masked",
     ) -> None:
         super().__init__()
+        if padding not in ("masked", "official"):
+            raise ModelConfigError(
+                f"transmil: nystrom_padding must be 'masked' or 'official', got {padding!r}"
+            )
         if dim % num_heads:
             raise ModelConfigError(
                 f"transmil: hidden_dim ({dim}) must be divisible by num_heads ({num_heads})"
             )
         head_dim = dim // num_heads
         self.num_heads = num_heads
+        self.official_padding = padding == "official"
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.scale = head_dim**-0.5
@@ -108,8 +139,9 @@ class MaskedNystromAttention(nn.Module):
 
     def _landmarks(
         self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Segment means of the valid queries and keys `[B, H, m, d]` and which landmarks exist."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Segment means of the queries and keys `[B, H, m, d]`, which landmarks take part `[B, m]`,
+        and the left-padding length of each bag `[B]`."""
         batch, heads, length, head_dim = q.shape
         m = self.num_landmarks
         counts = mask.sum(dim=1)  # [B]
@@ -122,10 +154,15 @@ class MaskedNystromAttention(nn.Module):
         index = segment.view(batch, 1, length, 1).expand(batch, heads, length, head_dim)
         keep = weight.view(batch, 1, length, 1)
         empty = torch.zeros(batch, heads, m, head_dim, device=q.device)
-        denominator = sizes.clamp_min(1.0).view(batch, 1, m, 1)
+        if self.official_padding:  # the zeros count in the mean; every landmark takes part
+            denominator = segment_len.to(torch.float32).view(batch, 1, 1, 1)
+            landmark_valid = torch.ones_like(sizes, dtype=torch.bool)
+        else:
+            denominator = sizes.clamp_min(1.0).view(batch, 1, m, 1)
+            landmark_valid = sizes > 0
         q_landmarks = empty.scatter_add(2, index, q.float() * keep) / denominator
         k_landmarks = empty.scatter_add(2, index, k.float() * keep) / denominator
-        return q_landmarks.to(q.dtype), k_landmarks.to(k.dtype), sizes > 0
+        return q_landmarks.to(q.dtype), k_landmarks.to(k.dtype), landmark_valid, left_pad
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`x` `[B, n, dim]`, `mask` `[B, n]` → output `[B, n, dim]` and the exact softmax
@@ -138,7 +175,7 @@ class MaskedNystromAttention(nn.Module):
         )  # each [B, H, n, d]
         q = q * self.scale
         v = v * mask.view(batch, 1, length, 1).to(v.dtype)
-        q_landmarks, k_landmarks, landmark_valid = self._landmarks(q, k, mask)
+        q_landmarks, k_landmarks, landmark_valid, left_pad = self._landmarks(q, k, mask)
 
         key_valid = mask.view(batch, 1, 1, length)
         landmark_cols = landmark_valid.view(batch, 1, 1, -1)
@@ -146,7 +183,11 @@ class MaskedNystromAttention(nn.Module):
         kernel = masked_softmax(q_landmarks @ k_landmarks.transpose(-1, -2), landmark_cols)
         eye = torch.eye(self.num_landmarks, dtype=kernel.dtype, device=kernel.device)
         kernel = torch.where(landmark_valid.view(batch, 1, -1, 1), kernel, eye)  # [B,H,m,m]
-        from_landmarks = masked_softmax(q_landmarks @ k.transpose(-1, -2), key_valid)  # [B,H,m,n]
+        landmark_scores = q_landmarks @ k.transpose(-1, -2)  # [B, H, m, n]
+        if self.official_padding:
+            from_landmarks = softmax_with_zero_keys(landmark_scores, key_valid, left_pad)
+        else:
+            from_landmarks = masked_softmax(landmark_scores, key_valid)
         with torch.autocast(device_type=x.device.type, enabled=False):
             kernel_inverse = newton_schulz_pinv(kernel.float(), self.pinv_iterations)
         mixing = (to_landmarks @ kernel_inverse.to(to_landmarks.dtype)) @ (from_landmarks @ v)
@@ -169,6 +210,7 @@ class TransLayer(nn.Module):
         pinv_iterations: int,
         residual_kernel: int,
         dropout: float,
+        padding: NystromPadding,
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -179,6 +221,7 @@ class TransLayer(nn.Module):
             pinv_iterations=pinv_iterations,
             residual_kernel=residual_kernel,
             dropout=dropout,
+            padding=padding,
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +268,8 @@ class TransMIL(MILModel):
     `attention` is an approximate map: the last layer's exact class-token softmax attention over
     the instances (copies folded onto their instance), averaged over heads; see the module
     docstring. `maps["head_attention"]` `[B, heads, N]` holds it per head; `embedding` is the
-    normalised class token `[B, E]`.
+    normalised class token `[B, E]`. `nystrom_padding="official"` reproduces the official
+    Nyström computation (zero left-padding inside the landmark means and the key softmax).
     """
 
     permutation_invariant = False
@@ -241,6 +285,7 @@ class TransMIL(MILModel):
         pinv_iterations: int = 6,
         residual_kernel: int = 33,
         dropout: float = 0.1,
+        nystrom_padding: NystromPadding = "masked",
     ) -> None:
         super().__init__(in_dim, num_classes)
         self.projection = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
@@ -253,6 +298,7 @@ class TransMIL(MILModel):
                 pinv_iterations=pinv_iterations,
                 residual_kernel=residual_kernel,
                 dropout=dropout,
+                padding=nystrom_padding,
             )
             for _ in range(2)
         )
@@ -315,6 +361,7 @@ def transmil(
     pinv_iterations: int = 6,
     residual_kernel: int = 33,
     dropout: float = 0.1,
+    nystrom_padding: NystromPadding = "masked",
 ) -> TransMIL:
     """TransMIL: Nyström transformer (2 layers, 8 heads, 256 landmarks) with PPEG; order-dependent."""
     return TransMIL(
@@ -326,4 +373,5 @@ def transmil(
         pinv_iterations=pinv_iterations,
         residual_kernel=residual_kernel,
         dropout=dropout,
+        nystrom_padding=nystrom_padding,
     )
