@@ -69,6 +69,8 @@ def instance_maps(output: MILOutput) -> dict[str, torch.Tensor]:
     maps = {"attention": output.attention, **{f"maps.{k}": v for k, v in output.maps.items()}}
     if output.instance_logits is not None:
         maps["instance_logits"] = output.instance_logits.transpose(1, 2)  # [B, C, N]
+    if output.instance_contributions is not None:
+        maps["instance_contributions"] = output.instance_contributions.transpose(1, 2)  # [B, C, N]
     return maps
 
 
@@ -97,6 +99,8 @@ def test_output_types_and_shapes(name: str) -> None:
         assert out.embedding.dim() == 2 and out.embedding.shape[0] == batch
     if out.instance_logits is not None:
         assert out.instance_logits.shape == (batch, num_instances, NUM_CLASSES)
+    if out.instance_contributions is not None:
+        assert out.instance_contributions.shape == (batch, num_instances, NUM_CLASSES)
     for key, value in out.extras.items():
         assert value.shape[0] == batch, key
     losses = {**out.aux_losses, **model.aux_losses(out, targets_for(batch))}
@@ -127,6 +131,22 @@ def test_padding_invariance(name: str) -> None:
                 )
                 padding = value[i, ..., n:]
                 assert (padding == 0).all(), f"{name}: {key} is not zero on padding"
+
+
+#: models that pool by attention into a linear head: their `instance_contributions` split the
+#: logits exactly, `logits = Σ_n instance_contributions + classifier bias`
+ADDITIVE_CONTRIBUTIONS = ["abmil", "abmil_plain", "abmil_ilse", "clam_sb", "clam_mb", "acmil", "r2t_mil", "mamba_mil"]
+
+
+@pytest.mark.parametrize("name", ADDITIVE_CONTRIBUTIONS)
+def test_instance_contributions_add_up_to_the_logits(name: str) -> None:
+    model = build(name).train()  # train mode: the split must hold for the pass that made it (dropout on)
+    _, x, mask = padded_batch([7, 1, 12])
+    with torch.no_grad():
+        out = model(x, mask)
+    assert out.instance_contributions is not None
+    total = out.instance_contributions.sum(dim=1) + model.classifier.bias
+    torch.testing.assert_close(total, out.logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

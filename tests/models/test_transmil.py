@@ -109,7 +109,7 @@ def test_nystrom_with_one_token_per_landmark_is_exact_masked_attention() -> None
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
     with torch.no_grad():
-        out, _ = attention(x, mask)
+        out, _, _ = attention(x, mask)
         q, k, v = (
             t.view(2, 10, 4, 4).transpose(1, 2) for t in attention.to_qkv(x).chunk(3, dim=-1)
         )
@@ -162,6 +162,24 @@ def test_attention_is_the_last_layer_class_token_softmax_with_copies_folded() ->
         folded = folded / folded.sum(dim=-1, keepdim=True)
     torch.testing.assert_close(out.maps["head_attention"][0], folded)
     torch.testing.assert_close(out.attention[0], folded.mean(dim=0))
+
+
+def test_instance_contributions_follow_mhim_transmil_scoring() -> None:
+    model = small_transmil()
+    x = torch.randn(1, 5, 12)  # S = 3: the first 4 instances appear twice on the grid
+    captured: list[torch.Tensor] = []
+    handle = model.layer1.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        out = model(x)
+        handle.remove()
+        q, k, v = (t.view(1, 10, 4, 4).transpose(1, 2) for t in model.layer1.attention.to_qkv(captured[0]).chunk(3, -1))
+        cls_row = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) / 2.0, dim=-1)[0, :, 0, 1:]  # [H, 9]
+        folded = cls_row[:, :5].clone()
+        folded[:, :4] += cls_row[:, 5:]  # a copy has the same values as its instance
+        weighted = folded.unsqueeze(-1) * v[0, :, 1:6]  # [H, 5, d]
+        features = model.layer1.attention.to_out[0](weighted.transpose(0, 1).reshape(5, HIDDEN))
+        expected = features @ model.classifier.weight.T  # [5, C], no classifier bias
+    torch.testing.assert_close(out.instance_contributions[0], expected)
 
 
 def test_output_depends_on_instance_order() -> None:

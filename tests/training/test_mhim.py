@@ -31,6 +31,7 @@ SMALL = {
     "abmil": {"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0, "attention_dropout": 0.0},
     "acmil": {"hidden_dim": 16, "attention_dim": 8, "num_branches": 3, "mask_top_k": 3},
     "dsmil": {"query_dim": 8},
+    "transmil": {"hidden_dim": 16, "num_heads": 4, "num_landmarks": 8},
 }
 DIM = 12
 
@@ -190,18 +191,47 @@ def test_recycle_network_attends_only_to_its_source_and_moves_its_queries():
     assert net.to_q.weight.grad is not None and net.to_q.weight.grad.abs().sum() > 0
 
 
+def _official_class_aware_score(classifier: torch.nn.Linear, h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """MHIM `get_pseudo_score`: `max_c softmax_c(W (a_n h_n) + b_0)` for `h` `[B, N, H]`, `attention` `[B, N]`."""
+    weighted = attention.unsqueeze(-1) * h
+    return torch.softmax(weighted @ classifier.weight.T + classifier.bias[0], dim=-1).amax(-1)
+
+
 def test_class_aware_score_matches_the_official_formula_for_abmil():
-    model = _model("abmil", num_classes=4)
-    model.eval()
+    torch.manual_seed(0)
+    model = create_model("abmil", DIM, 4, hidden_dim=32, attention_dim=16, dropout=0.25)
+    model.train()  # the teacher's pass: dropout on, so the score must use this very pass's features
     batch = _batch(num_classes=4)
+    captured: list[torch.Tensor] = []
+    model.projection.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.no_grad():
-        model.classifier.bias.zero_()  # the singleton form equals the official one up to a_n · b
         output = model(batch.features, batch.mask)
-        scores = class_aware_scores(model, batch.features, batch.mask, output, chunk_size=7)
-        h = model.projection(batch.features)  # [B, N, H]
-        weighted = output.attention.unsqueeze(-1) * h  # a_n h_n
-        official = torch.softmax(weighted @ model.classifier.weight.T + model.classifier.bias[0], dim=-1).amax(-1)
+        scores = class_aware_scores(output, batch.mask)
+    official = _official_class_aware_score(model.classifier, captured[0], output.attention)
     torch.testing.assert_close(scores, official.masked_fill(~batch.mask, 0.0))
+
+
+def test_v2_masks_from_the_one_train_mode_teacher_pass():
+    """The hidden set is the top of the official score of the teacher pass that made the consistency
+    target (its dropout-ed features and attention); no second teacher forward runs."""
+    torch.manual_seed(0)
+    model = create_model("abmil", DIM, 3, hidden_dim=32, attention_dim=16, dropout=0.25, attention_dropout=0.25)
+    batch = _batch()
+    method = MHIMMethod("v2", high_mask_ratio=0.2, random_keep_ratio=1.0, recycle_tokens=0)
+    method.attach(model, total_steps=10)
+    teacher = method.teacher
+    teacher_outputs: list[MILOutput] = []
+    teacher_features: list[torch.Tensor] = []
+    student_masks: list[torch.Tensor] = []
+    teacher.register_forward_hook(lambda _m, _i, out: teacher_outputs.append(out))
+    teacher.projection.register_forward_hook(lambda _m, _i, out: teacher_features.append(out))
+    model.register_forward_pre_hook(lambda _m, args: student_masks.append(args[1]))
+    method.compute_loss(model, batch, progress=0.0)
+    assert len(teacher_outputs) == 1 and len(teacher_features) == 1  # one teacher pass, nothing re-run
+    official = _official_class_aware_score(teacher.classifier, teacher_features[0], teacher_outputs[0].attention)
+    expected_hidden = high_score_mask(official.masked_fill(~batch.mask, 0.0), batch.mask, 0.2)
+    assert expected_hidden.sum() > 0
+    torch.testing.assert_close(student_masks[0], batch.mask & ~expected_hidden, rtol=0, atol=0)
 
 
 def test_class_aware_score_of_dsmil_is_its_max_instance_logit():
@@ -209,9 +239,20 @@ def test_class_aware_score_of_dsmil_is_its_max_instance_logit():
     batch = _batch()
     with torch.no_grad():
         output = model(batch.features, batch.mask)
-        scores = class_aware_scores(model, batch.features, batch.mask, output)
-    assert output.instance_logits is not None
+        scores = class_aware_scores(output, batch.mask)
+    assert output.instance_logits is not None and output.instance_contributions is None
     torch.testing.assert_close(scores, output.instance_logits.amax(-1).masked_fill(~batch.mask, 0.0))
+
+
+@pytest.mark.parametrize("name", ["abmil", "acmil"])
+def test_class_aware_score_reads_the_instance_contributions(name):
+    model, batch = _model(name), _batch()
+    with torch.no_grad():
+        output = model(batch.features, batch.mask)
+        scores = class_aware_scores(output, batch.mask)
+    assert output.instance_contributions is not None
+    expected = torch.softmax(output.instance_contributions, dim=-1).amax(-1)
+    torch.testing.assert_close(scores, expected.masked_fill(~batch.mask, 0.0))
 
 
 def test_consistency_loss_is_soft_cross_entropy_over_the_embedding():
@@ -223,7 +264,7 @@ def test_consistency_loss_is_soft_cross_entropy_over_the_embedding():
     assert student.grad is not None
 
 
-@pytest.mark.parametrize("name", ["abmil", "acmil", "dsmil"])
+@pytest.mark.parametrize("name", ["abmil", "acmil", "dsmil", "transmil"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_a_step_runs_with_several_models(name, version):
     model, batch = _model(name), _batch()
@@ -252,6 +293,20 @@ class NoEmbedding(MILModel):
         mask = resolve_mask(x, mask)
         attention = masked_softmax(torch.zeros(mask.shape), mask)
         return MILOutput(logits=self.head((attention.unsqueeze(-1) * x).sum(1)), attention=attention)
+
+
+class NoClassEvidence(NoEmbedding):
+    """Mean pooling + linear head with an embedding but no per-instance class evidence."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        out = super().forward(x, mask)
+        return MILOutput(logits=out.logits, attention=out.attention, embedding=out.logits)
+
+
+def test_class_aware_score_needs_per_instance_class_evidence():
+    with pytest.raises(TrainingConfigError, match="instance_score: attention"):
+        MHIMMethod("v2").attach(NoClassEvidence(), total_steps=1)
+    MHIMMethod("v2", instance_score="attention").attach(NoClassEvidence(), total_steps=1)
 
 
 def test_a_model_without_embedding_is_refused_at_attach():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wsi_mil.models.base import MILModel, MILOutput, resolve_mask
+from wsi_mil.models.base import MILModel, MILOutput, attention_contributions, resolve_mask
 from wsi_mil.models.layers import AttentionScorer, attention_pool, masked_softmax
 from wsi_mil.models.registry import register_model
 
@@ -65,6 +65,7 @@ class ABMIL(MILModel):
             attention=weights.squeeze(1),
             maps={"attention_logits": scores.masked_fill(~valid, 0.0)},
             embedding=embedding,
+            instance_contributions=attention_contributions(h, weights, self.classifier.weight),
         )
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_mil.errors import ModelConfigError
-from wsi_mil.models.base import MILModel, MILOutput, resolve_mask
+from wsi_mil.models.base import MILModel, MILOutput, attention_contributions, resolve_mask
 from wsi_mil.models.layers import (
     AttentionScorer,
     attention_pool,
@@ -153,6 +153,9 @@ class ACMIL(MILModel):
             },
             aux_losses={"diversity": branch_diversity(branch_attention)},
             embedding=embedding,
+            instance_contributions=attention_contributions(
+                h, bag_attention.unsqueeze(1), self.classifier.weight
+            ),
             extras={"branch_logits": branch_logits},
         )
 

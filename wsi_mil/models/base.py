@@ -25,6 +25,11 @@ class MILOutput:
             them to the bag loss. Losses that need the label come from `MILModel.aux_losses`.
         embedding: `[B, E]` bag embedding before the classifier, where the model has one.
         instance_logits: `[B, N, C]` per-instance class logits, where the model has them.
+        instance_contributions: `[B, N, C]` each instance's class evidence from this same pass,
+            where the model has it: the bag classifier's weights applied to the instance's
+            attention-weighted feature (no classifier bias), so with attention pooling and a linear
+            head `Σ_n` of it plus the bias is the logits; zero on padding. MHIM-v2's class-aware
+            score reads it (the official `get_pseudo_score`).
         extras: other per-bag tensors a loss or a caller needs (e.g. ACMIL's branch logits
             `[B, K, C]`, DSMIL's max-instance logits `[B, C]`).
     """
@@ -35,6 +40,7 @@ class MILOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
     instance_logits: torch.Tensor | None = None
+    instance_contributions: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -85,3 +91,14 @@ def resolve_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask.shape != x.shape[:2]:
         raise ValueError(f"mask must be [B, N] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
     return mask.to(device=x.device, dtype=torch.bool)
+
+
+def attention_contributions(
+    features: torch.Tensor, attention: torch.Tensor, head_weight: torch.Tensor
+) -> torch.Tensor:
+    """`instance_contributions` `[B, N, C]` of attention pooling followed by a linear head.
+
+    `features` `[B, N, H]` are what the attention pools, `attention` `[B, K, N]` its weights with
+    K = 1 or K = C (one pooling per class, as CLAM-MB), `head_weight` `[C, H]`: `a_{k,n} · W_c h_n`.
+    """
+    return (features @ head_weight.T) * attention.transpose(1, 2).to(features.dtype)

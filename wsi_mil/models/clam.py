@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_mil.errors import ModelConfigError
-from wsi_mil.models.base import MILModel, MILOutput, resolve_mask
+from wsi_mil.models.base import MILModel, MILOutput, attention_contributions, resolve_mask
 from wsi_mil.models.layers import (
     AttentionScorer,
     attention_pool,
@@ -141,6 +141,7 @@ class CLAM(MILModel):
             attention=attention,
             maps={"attention_logits": scores.masked_fill(~valid, 0.0), "branch_attention": weights},
             embedding=embedding,
+            instance_contributions=attention_contributions(h, weights, self.classifier.weight),
             extras=self._clustering_candidates(h, scores, mask),
         )
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_mil.errors import ModelConfigError
-from wsi_mil.models.base import MILModel, MILOutput, resolve_mask
+from wsi_mil.models.base import MILModel, MILOutput, attention_contributions, resolve_mask
 from wsi_mil.models.layers import attention_pool, masked_softmax, xavier_init_
 from wsi_mil.models.layers_sequence import pack_valid_first, restore_instance_order
 from wsi_mil.models.registry import register_model
@@ -382,6 +382,9 @@ class R2TMIL(MILModel):
             attention=restore_instance_order(weights.squeeze(1), packed),
             maps={"attention_logits": restore_instance_order(scores.masked_fill(~valid, 0.0), packed)},
             embedding=embedding,
+            instance_contributions=restore_instance_order(
+                attention_contributions(embedded, weights, self.classifier.weight).transpose(1, 2), packed
+            ).transpose(1, 2),
         )
 
 

@@ -45,6 +45,10 @@ the keys of the last layer, `softmax(q_cls · Kᵀ / √d)` (the row the Nyströ
 drop the class token's weight on itself, add the weight of each wrap-around copy to its
 instance, renormalise over the instances and average over heads; it sums to 1 over the valid
 instances. `maps["head_attention"]` `[B, heads, N]` holds the per-head maps.
+
+`instance_contributions` follow MHIM's TransMIL scoring (`get_pseudo_score_trans`): the first
+layer's exact class-token attention times each instance's values (copies folded onto their
+instance), through that layer's output projection (without its dropout) and the classifier weights.
 """
 
 from __future__ import annotations
@@ -164,9 +168,12 @@ class MaskedNystromAttention(nn.Module):
         k_landmarks = empty.scatter_add(2, index, k.float() * keep) / denominator
         return q_landmarks.to(q.dtype), k_landmarks.to(k.dtype), landmark_valid, left_pad
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`x` `[B, n, dim]`, `mask` `[B, n]` → output `[B, n, dim]` and the exact softmax
-        attention of the first token's query over the valid keys `[B, heads, n]`."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`x` `[B, n, dim]`, `mask` `[B, n]` → output `[B, n, dim]`, the exact softmax attention
+        of the first token's query over the valid keys `[B, heads, n]` and the values
+        `[B, heads, n, dim / heads]` (zero on padding)."""
         batch, length, dim = x.shape
         heads = self.num_heads
         q, k, v = (
@@ -195,7 +202,7 @@ class MaskedNystromAttention(nn.Module):
         out = self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
         first_scores = q[:, :, :1] @ k.transpose(-1, -2)  # [B, H, 1, n]
-        return out, masked_softmax(first_scores, key_valid).squeeze(2)
+        return out, masked_softmax(first_scores, key_valid).squeeze(2), v
 
 
 class TransLayer(nn.Module):
@@ -224,10 +231,13 @@ class TransLayer(nn.Module):
             padding=padding,
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Updated tokens `[B, n, dim]` and the first token's attention `[B, heads, n]`."""
-        out, attention = self.attention(self.norm(x), mask)
-        return x + out, attention
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Updated tokens `[B, n, dim]`, the first token's attention `[B, heads, n]` and the
+        attention's values `[B, heads, n, dim / heads]`."""
+        out, attention, values = self.attention(self.norm(x), mask)
+        return x + out, attention, values
 
 
 class PPEG(nn.Module):
@@ -326,10 +336,10 @@ class TransMIL(MILModel):
 
         sequence = torch.cat([self.cls_token.expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)
         sequence_mask = torch.cat([mask.new_ones(batch, 1), grid_valid], dim=1)  # [B, 1 + L]
-        sequence, _ = self.layer1(sequence, sequence_mask)
+        sequence, first_attention, first_values = self.layer1(sequence, sequence_mask)
         sequence = self.ppeg(sequence, sequence_mask, side)
         # cls_attention [B, H, 1 + L]: the class token's exact attention in the last layer.
-        sequence, cls_attention = self.layer2(sequence, sequence_mask)
+        sequence, cls_attention, _ = self.layer2(sequence, sequence_mask)
         embedding = self.norm(sequence[:, 0])  # [B, E]
 
         slot_attention = cls_attention[:, :, 1:] * grid_valid.unsqueeze(1)  # [B, H, L]
@@ -347,7 +357,39 @@ class TransMIL(MILModel):
             attention=head_attention.mean(dim=1),
             maps={"head_attention": head_attention},
             embedding=embedding,
+            instance_contributions=self._first_layer_contributions(
+                first_attention, first_values, source, grid_valid, mask
+            ),
         )
+
+    def _first_layer_contributions(
+        self,
+        attention: torch.Tensor,
+        values: torch.Tensor,
+        source: torch.Tensor,
+        grid_valid: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Class evidence `[B, N, C]` of each instance, as MHIM's TransMIL scoring
+        (`get_pseudo_score_trans`): the first layer's class-token attention times the instance's
+        values, through that layer's output projection and the classifier weights (no bias).
+
+        `attention` `[B, H, 1 + L]` and `values` `[B, H, 1 + L, d]` come from the first layer;
+        wrap-around copies add their weighted values to their instance.
+        """
+        batch, heads, _, head_dim = values.shape
+        num_instances = mask.shape[1]
+        valid_slots = grid_valid[:, None, :, None].to(values.dtype)
+        weighted = attention[:, :, 1:, None].to(values.dtype) * values[:, :, 1:] * valid_slots
+        index = source[:, None, :, None].expand_as(weighted)
+        folded = weighted.new_zeros(batch, heads, num_instances, head_dim).scatter_add_(
+            2, index, weighted
+        )  # [B, H, N, d]
+        features = folded.transpose(1, 2).reshape(batch, num_instances, heads * head_dim)
+        projection = self.layer1.attention.to_out[0]
+        head = self.classifier.weight @ projection.weight  # [C, E]
+        offset = self.classifier.weight @ projection.bias  # [C]
+        return (features @ head.T + offset) * mask.unsqueeze(-1).to(features.dtype)
 
 
 @register_model

@@ -11,18 +11,21 @@ Composition with any model that follows the `MILModel` contract:
   order, and v2's recycled tokens are appended as extra valid slots after the last slot;
 - the teacher's instance saliency is `MILOutput.attention` (v1, and v2 with
   `instance_score="attention"`) or a class-aware probability (v2 default, see
-  `class_aware_scores`); the consistency loss uses `MILOutput.embedding`, so a model without an
-  embedding is refused at `attach`.
+  `class_aware_scores`), both read from the one train-mode teacher pass that also gives the
+  consistency target, as officially; the consistency loss uses `MILOutput.embedding`, so a model
+  without an embedding is refused at `attach`.
 
 Deviations from the official code (DearCaat/MHIM-MIL):
 - the global recycle network works on the model's input features `[B, N, D]` and its tokens are
   appended to the input, since the model is a black box here; the official network works inside
   the model on the 512-d projected features;
-- the class-aware score of models that return no per-instance class logits is computed from the
-  teacher's logits for each instance alone (a one-instance bag), `s_n = max_c softmax_c(a_n ℓ_n)`;
-  for an ABMIL-type model (`ℓ_n = W h_n + b`) this is the official `W (a_n h_n) + b_0` up to the
-  bias term `a_n b` (exact when the classifier bias is zero). Models that return
-  `instance_logits` (DSMIL) use `max_c instance_logits`, as the official DSMIL baseline does;
+- the class-aware score reads `MILOutput.instance_contributions` `W (a_n h_n)` of the teacher's
+  pass, which every attention-pooling model of the zoo returns (the official formula adds `b_0`
+  to every class, which cancels in the softmax); TransMIL's comes from its first layer's exact
+  class-token attention where the official one uses the Nyström approximation of that row, and
+  leaves out the output projection's dropout. Models with `instance_logits` and no contributions
+  (DSMIL) use `max_c instance_logits`, as the official DSMIL baseline does; a model with neither
+  is refused at `attach` (use `instance_score="attention"`);
 - multi-head models are scored by their canonical (head-averaged) attention, not by the
   official per-head vote; batches of several bags are supported (per-bag counts and random
   draws), the recycle queries move towards the mean of the batch's tokens;
@@ -123,30 +126,22 @@ def high_score_mask(
     return select_ranked(scores, mask, num_masked)
 
 
-def class_aware_scores(
-    model: MILModel,
-    features: torch.Tensor,
-    mask: torch.Tensor,
-    output: MILOutput,
-    *,
-    chunk_size: int = 4096,
-) -> torch.Tensor:
+def class_aware_scores(output: MILOutput, mask: torch.Tensor) -> torch.Tensor:
     """Class-aware instance probability `[B, N]` (MHIM-v2 `--attn2score`), zero on padding.
 
-    With `output.instance_logits` `[B, N, C]` (DSMIL): `max_c` of them. Otherwise
-    `s_n = max_c softmax_c(a_n · ℓ_n)` with `a` = `output.attention` and `ℓ_n` the model's logits
-    for the bag made of instance n alone, computed in chunks of `chunk_size` one-instance bags.
+    Read from the pass that made `output`, so no second forward runs: with
+    `output.instance_contributions` `c_n` `[B, N, C]`, `s_n = max_c softmax_c(c_n)`; otherwise
+    (DSMIL) `s_n = max_c instance_logits_n`.
     """
-    if output.instance_logits is not None:
+    if output.instance_contributions is not None:
+        scores = torch.softmax(output.instance_contributions.float(), dim=-1).amax(dim=-1)
+    elif output.instance_logits is not None:
         scores = output.instance_logits.float().amax(dim=-1)
     else:
-        flat = features[mask]  # [M, D], the valid instances of all bags
-        singles = torch.cat(
-            [model(chunk.unsqueeze(1), None).logits.float() for chunk in flat.split(chunk_size)]
-        )  # [M, C]
-        logits = features.new_zeros((*mask.shape, singles.shape[-1]), dtype=torch.float32)
-        logits[mask] = singles
-        scores = torch.softmax(output.attention.float().unsqueeze(-1) * logits, dim=-1).amax(dim=-1)
+        raise TrainingConfigError(
+            "MHIM instance_score 'class_aware' needs MILOutput.instance_contributions or "
+            "instance_logits from the model; set method_kwargs.instance_score: attention"
+        )
     return scores.masked_fill(~mask, 0.0)
 
 
@@ -296,7 +291,6 @@ class MHIMMethod(TrainingMethod):
         student_init_prefixes: list[str] | None = None,
         teacher_dropout: bool = True,
         min_bag_size: int = 3,
-        singleton_chunk: int = 4096,
         aux_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__(aux_weights=aux_weights)
@@ -360,7 +354,6 @@ class MHIMMethod(TrainingMethod):
         self.student_init_prefixes = list(student_init_prefixes or [])
         self.teacher_dropout = teacher_dropout
         self.min_bag_size = min_bag_size
-        self.singleton_chunk = singleton_chunk
         self.teacher: MILModel | None = None
         self.recycle: RecycleNetwork | None = None
 
@@ -378,6 +371,12 @@ class MHIMMethod(TrainingMethod):
             raise TrainingConfigError(
                 f"MHIM needs per-instance attention [B, N] from the model, {type(model).__name__} returned "
                 f"{tuple(probe.attention.shape)}; choose another --model"
+            )
+        if self.instance_score == "class_aware" and probe.instance_contributions is None and probe.instance_logits is None:
+            raise TrainingConfigError(
+                f"MHIM instance_score 'class_aware' (the v2 default) reads per-instance class evidence from the "
+                f"teacher's pass, but {type(model).__name__} returns neither MILOutput.instance_contributions nor "
+                "instance_logits; set method_kwargs.instance_score: attention, or choose another --model"
             )
         teacher = copy.deepcopy(model)
         teacher.requires_grad_(False)
@@ -423,11 +422,12 @@ class MHIMMethod(TrainingMethod):
             return self.momentum
         return 1.0 - (1.0 - self.momentum) * cosine_progress(progress)
 
-    def instance_scores(self, features: torch.Tensor, mask: torch.Tensor, teacher_output: MILOutput) -> torch.Tensor:
-        """The teacher's saliency `[B, N]` of each instance (attention or class-aware probability)."""
+    def instance_scores(self, mask: torch.Tensor, teacher_output: MILOutput) -> torch.Tensor:
+        """The teacher's saliency `[B, N]` of each instance (attention or class-aware probability),
+        read from its output: a function of that one pass."""
         if self.instance_score == "attention":
             return teacher_output.attention.float().masked_fill(~mask, 0.0)
-        return class_aware_scores(self._teacher(), features, mask, teacher_output, chunk_size=self.singleton_chunk)
+        return class_aware_scores(teacher_output, mask)
 
     def visible_mask(self, scores: torch.Tensor, mask: torch.Tensor, *, progress: float) -> torch.Tensor:
         """The instances `[B, N]` left after hard-instance masking (v1: union of random, low, high)."""
@@ -471,7 +471,7 @@ class MHIMMethod(TrainingMethod):
         teacher.train(self.teacher_dropout)
         with torch.no_grad():
             teacher_output = teacher(batch.features, batch.mask)
-            scores = self.instance_scores(batch.features, batch.mask, teacher_output)
+            scores = self.instance_scores(batch.mask, teacher_output)
         visible = self.visible_mask(scores, batch.mask, progress=progress)
         features, mask = self.student_input(batch.features, visible)
         output = model(features, mask)
