@@ -22,9 +22,11 @@ Deviations from the official code:
 - padded batches: masked softmaxes, STKIM ranks only valid instances and clamps k per bag;
 - STKIM never removes every valid instance of a bag (only possible with mask_drop = 1 and
   N ≤ mask_top_k): then one is kept, where the official code's softmax over all −1e9 is uniform;
-- removed instances are excluded from the softmax exactly (the official code adds −1e9);
-- the official script passes `n_token` as `n_masked_patch` (so K = M there); here `mask_top_k`
-  is its own option with the README default 10.
+- removed instances are excluded from the softmax exactly (the official code adds −1e9).
+
+`mask_top_k` is the official `--n_masked_patch` with the README commands' value 10 (the script's
+argparse default is 0, no STKIM). Scripts from before upstream commit 5eaa854 (2024-10-12) passed
+`n_token` as `n_masked_patch`; the current script passes each option to its own parameter.
 """
 
 from __future__ import annotations
