@@ -11,6 +11,7 @@ import torch
 
 from wsi_mil import __version__
 from wsi_mil.errors import FeatureContractError, RunFolderError
+from wsi_mil.models.dsmil import DSMIL
 from wsi_mil.training import evaluate_run, load_model_from_run, predict, train_cohort
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 from wsi_mil.training.cohort import Cohort
@@ -227,3 +228,24 @@ def test_multiclass_with_a_split_column(write_cohort, tmp_path):
     assert len(metrics["folds"][0]["test"]["confusion_matrix"]) == 3
     assert metrics["folds"][0]["test"]["n"] == 6
     assert read_model_card(tmp_path / "run" / "fold_0" / "model_card.json").training_method == "aem"
+
+
+def test_dsmil_run_trains_with_the_official_bce_loss_and_the_card_records_it(write_cohort, tmp_path, monkeypatch):
+    original = DSMIL.bag_loss
+    checked: list[bool] = []
+
+    def spy(self, output, target, *, class_weights=None):
+        loss = original(self, output, target, class_weights=class_weights)
+        one_hot = torch.nn.functional.one_hot(target, self.num_classes).float()
+        checked.append(torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(output.logits, one_hot)))
+        return loss
+
+    monkeypatch.setattr(DSMIL, "bag_loss", spy)
+    files = write_cohort(num_bags=12)
+    config = files.config(model="dsmil", model_kwargs={"query_dim": 8}, epochs=1)
+    reports = []
+    train_cohort(config, tmp_path / "run", on_epoch_end=reports.append)
+    card = read_model_card(RunLayout(tmp_path / "run").card(0))
+    assert card.model_kwargs["bag_loss"] == "bce" and card.model_kwargs["max_instance_loss"] == "bce"
+    assert checked and all(checked)  # every training step's bag term was DSMIL's per-class BCE
+    assert {"bag", "max_instance"} <= set(reports[0].train_terms)
