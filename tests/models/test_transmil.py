@@ -13,7 +13,8 @@ import torch
 
 from wsi_mil.errors import ModelConfigError
 from wsi_mil.models import create_model
-from wsi_mil.models.transmil import MaskedNystromAttention, TransMIL, newton_schulz_pinv
+from wsi_mil.models.base import MILOutput
+from wsi_mil.models.transmil import MaskedNystromAttention, TransLayer, TransMIL, newton_schulz_pinv
 
 HIDDEN = 16
 
@@ -144,41 +145,39 @@ def test_padded_batch_matches_the_official_layout_per_bag() -> None:
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=0)
 
 
-def test_attention_is_the_last_layer_class_token_softmax_with_copies_folded() -> None:
-    model = small_transmil()
-    x = torch.randn(1, 5, 12)  # S = 3: the first 4 instances appear twice on the grid
+def class_token_row(model: TransMIL, layer: TransLayer, x: torch.Tensor) -> tuple[MILOutput, torch.Tensor, torch.Tensor]:
+    """Run `model` on a 5-instance bag (S = 3: the first 4 instances appear twice on the grid) and
+    recompute `layer`'s exact class-token softmax over the 9 grid slots `[H, 9]` and its values
+    `[H, 10, d]` from the layer's normalised input."""
     captured: list[torch.Tensor] = []
-    handle = model.layer2.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    handle = layer.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.no_grad():
         out = model(x)
         handle.remove()
-        normed = captured[0]  # [1, 1 + 9, E]
-        q, k, _ = model.layer2.attention.to_qkv(normed).chunk(3, dim=-1)
-        q, k = (t.view(1, 10, 4, 4).transpose(1, 2) for t in (q, k))
+        q, k, v = (t.view(1, 10, 4, 4).transpose(1, 2) for t in layer.attention.to_qkv(captured[0]).chunk(3, -1))
         cls_row = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) / 2.0, dim=-1)  # [1, H, 1, 10]
-        slots = cls_row[0, :, 0, 1:]  # [H, 9] grid slots
-        folded = slots[:, :5].clone()
-        folded[:, :4] += slots[:, 5:]
-        folded = folded / folded.sum(dim=-1, keepdim=True)
+    return out, cls_row[0, :, 0, 1:], v[0]
+
+
+def test_attention_is_the_last_layer_class_token_softmax_with_copies_folded() -> None:
+    model = small_transmil()
+    out, slots, _ = class_token_row(model, model.layer2, torch.randn(1, 5, 12))
+    folded = slots[:, :5].clone()
+    folded[:, :4] += slots[:, 5:]
+    folded = folded / folded.sum(dim=-1, keepdim=True)
     torch.testing.assert_close(out.maps["head_attention"][0], folded)
     torch.testing.assert_close(out.attention[0], folded.mean(dim=0))
 
 
 def test_instance_contributions_follow_mhim_transmil_scoring() -> None:
     model = small_transmil()
-    x = torch.randn(1, 5, 12)  # S = 3: the first 4 instances appear twice on the grid
-    captured: list[torch.Tensor] = []
-    handle = model.layer1.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    out, slots, values = class_token_row(model, model.layer1, torch.randn(1, 5, 12))
+    folded = slots[:, :5].clone()
+    folded[:, :4] += slots[:, 5:]  # a copy has the same values as its instance
+    weighted = folded.unsqueeze(-1) * values[:, 1:6]  # [H, 5, d]
     with torch.no_grad():
-        out = model(x)
-        handle.remove()
-        q, k, v = (t.view(1, 10, 4, 4).transpose(1, 2) for t in model.layer1.attention.to_qkv(captured[0]).chunk(3, -1))
-        cls_row = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) / 2.0, dim=-1)[0, :, 0, 1:]  # [H, 9]
-        folded = cls_row[:, :5].clone()
-        folded[:, :4] += cls_row[:, 5:]  # a copy has the same values as its instance
-        weighted = folded.unsqueeze(-1) * v[0, :, 1:6]  # [H, 5, d]
         features = model.layer1.attention.to_out[0](weighted.transpose(0, 1).reshape(5, HIDDEN))
-        expected = features @ model.classifier.weight.T  # [5, C], no classifier bias
+    expected = features @ model.classifier.weight.T  # [5, C], no classifier bias
     torch.testing.assert_close(out.instance_contributions[0], expected)
 
 
