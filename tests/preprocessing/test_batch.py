@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -101,6 +102,11 @@ def test_rerun_skips_done_slides_and_reruns_on_changed_parameters(demo_slides: l
     assert [r.status for r in first] == ["done"] * len(tasks)
     second = run_batch(tasks, tmp_path, FAST)
     assert [r.status for r in second] == ["skipped"] * len(tasks)
+    # skipped slides keep their mpp and its source in the results and in summary.csv
+    assert [(r.mpp, r.mpp_source) for r in second] == [(r.mpp, r.mpp_source) for r in first]
+    with open(tmp_path / "summary.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(float(row["mpp"]), row["mpp_source"]) for row in rows] == [(0.5, "tiff_resolution")] * len(tasks)
     changed = FAST.model_copy(update={"tiling": TilingParams(tile_px=128)})
     third = run_batch(tasks, tmp_path, changed)
     assert [r.status for r in third] == ["done"] * len(tasks)

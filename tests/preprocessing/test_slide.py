@@ -103,15 +103,16 @@ def test_tiny_svs_and_its_dicom_conversion_have_identical_pixels(slides_dir: Pat
     np.testing.assert_array_equal(volume.read_level(0), svs.read_level(0))
 
 
-def test_boxes_tiff_mpp_comes_from_openslide_which_maps_the_resolution_tag(
+def test_generic_tiff_mpp_is_recorded_as_coming_from_the_resolution_tags(
     slides_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     slide = open_slide(slides_dir / "tiny/boxes.tiff")
     properties = slide.properties
-    # OpenSlide turns XResolution=28.35 px/cm into openslide.mpp-x itself, so the source is
-    # "properties"; the value (a 72-dpi placeholder, 352.8 µm/px) equals the tag's.
+    # OpenSlide turns XResolution=28.35 px/cm into openslide.mpp-x itself; the value (a 72-dpi
+    # placeholder, 352.8 µm/px) is the tag's, and so is the source recorded.
     assert properties["tiff.ResolutionUnit"] == "centimeter"
-    assert slide.mpp.source == "properties"
+    assert properties["openslide.vendor"] == "generic-tiff"
+    assert slide.mpp.source == "tiff_resolution"
     assert slide.mpp.mpp == pytest.approx(1e4 / float(properties["tiff.XResolution"]))
     assert slide.level_count == 4
     # Such a placeholder is implausible for a scan, so an override wins over it, with a warning.
@@ -132,6 +133,11 @@ def test_mpp_from_tiff_resolution_when_openslide_reports_none(aperio_without_mpp
     ("properties", "override", "expected"),
     [
         ({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.5"}, None, MppInfo(0.5, "properties")),
+        (
+            {"openslide.mpp-x": "0.5", "openslide.vendor": "generic-tiff"},
+            None,
+            MppInfo(0.5, "tiff_resolution"),
+        ),
         (
             {"tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"},
             None,

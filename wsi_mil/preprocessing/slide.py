@@ -104,8 +104,9 @@ def resolve_mpp(
 ) -> MppInfo:
     """The slide's microns per level-0 pixel, from its metadata first and the override as fallback.
 
-    Order: OpenSlide's `openslide.mpp-x`/`-y`, then the TIFF resolution tags (`tiff.XResolution` +
-    `tiff.ResolutionUnit` in centimeter or inch, which OpenSlide exposes for every TIFF-based format),
+    Order: OpenSlide's `openslide.mpp-x`/`-y` (source `tiff_resolution` for a generic TIFF, where
+    OpenSlide computes it from the resolution tags), then the TIFF resolution tags (`tiff.XResolution`
+    + `tiff.ResolutionUnit` in centimeter or inch, which OpenSlide exposes for every TIFF-based format),
     then `override` (the manifest column `mpp` or `--slide-mpp`). The override is a fallback: when the
     slide has its own mpp and the override differs from it by more than 5 %, the slide's value is kept
     and a warning names both. One exception: a metadata value outside `PLAUSIBLE_MPP_RANGE` (a 72-dpi
@@ -117,8 +118,14 @@ def resolve_mpp(
             f"{slide_name}: mpp override {override!r} is not a positive number; "
             "set the manifest column `mpp` or pass `--slide-mpp` with a value in µm/px"
         )
+    # OpenSlide derives a generic TIFF's openslide.mpp-x from its resolution tags, so for that
+    # format the value's real source is the tags.
+    generic_tiff = properties.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff"
     candidates: list[tuple[float | None, MppSource]] = [
-        (_mpp_from_properties(properties, slide_name=slide_name), "properties"),
+        (
+            _mpp_from_properties(properties, slide_name=slide_name),
+            "tiff_resolution" if generic_tiff else "properties",
+        ),
         (_mpp_from_tiff_resolution(properties, slide_name=slide_name), "tiff_resolution"),
     ]
     for mpp, source in candidates:
