@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,48 @@ def test_broken_files_raise_slide_open_error_with_a_reason(
     message = str(caught.value)
     assert message.startswith(f"{file_name}: ")
     assert reason in message
+
+
+def test_empty_and_truncated_files_say_so_and_suggest_copying_again(
+    slides_dir: Path, synthetic_slide, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    cmu = (slides_dir / CMU).read_bytes()
+    half_svs = tmp_path / "half.svs"
+    half_svs.write_bytes(cmu[: len(cmu) // 2])
+    built = synthetic_slide.path.read_bytes()
+    short_tiff = tmp_path / "short.tiff"  # the directories survive, the last tiles do not
+    short_tiff.write_bytes(built[:-5000])
+    expected = {
+        empty: "empty file (0 bytes); copy it again",
+        half_svs: f"truncated or corrupt (file ends at byte {len(cmu) // 2}); copy it again",
+        short_tiff: f"truncated or corrupt (file ends at byte {len(built) - 5000}; its tiles run to byte",
+    }
+    for path, phrase in expected.items():
+        with pytest.raises(SlideOpenError) as caught:
+            open_slide(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path.name}: cannot open: ") and phrase in message, message
+        assert "not a whole-slide image format" not in message
+        assert "\n" not in message
+
+
+def test_a_truncated_file_of_a_dicom_series_is_named_when_its_frames_fail(
+    slides_dir: Path, tmp_path: Path
+) -> None:
+    series = tmp_path / "series"
+    shutil.copytree(slides_dir / CMU_DICOM, series)
+    level0 = series / "level-0-frames-0-30.dcm"
+    size = level0.stat().st_size // 2
+    level0.write_bytes(level0.read_bytes()[:size])
+    slide = open_slide(series / "level-3-frames-0-1.dcm")  # the small levels are whole
+    with pytest.raises(SlideOpenError) as caught:
+        slide.read_region((0, 0), 0, (512, 512))
+    assert str(caught.value).endswith(
+        f"level-0-frames-0-30.dcm of the series: truncated or corrupt (file ends at byte {size} "
+        "inside its compressed frames); copy it again"
+    )
 
 
 def test_unreadable_svs_fails_on_read_and_recovers_from_sticky_errors(slides_dir: Path) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import openslide
+import tifffile
 from PIL import Image
 
 from wsi_mil.errors import MissingMppError, SlideOpenError
@@ -40,6 +43,13 @@ _HASH_CHUNK = 1024 * 1024
 _WHITE = (255, 255, 255, 255)
 _RESOLUTION_UNIT_UM = {"centimeter": 1e4, "inch": 25.4e3}
 _OPENSLIDE_FAILURES = (openslide.OpenSlideError, OSError)
+_NOT_CHECKED = object()
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Encapsulated pixel data ends with a Sequence Delimitation Item (FFFE,E0DD) of length 0.
+_DICOM_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_DICOM_NATIVE_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+)
 
 
 @dataclass(frozen=True)
@@ -170,10 +180,92 @@ def resolve_mpp(
 
 def _describe_failure(err: BaseException) -> str:
     """A short cause for an OpenSlide/Pillow exception, e.g. 'corrupt image data: Bogus marker length'."""
-    message = str(err).strip() or type(err).__name__
+    message = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, openslide.OpenSlideUnsupportedFormatError):
         return f"not a whole-slide image format OpenSlide supports ({message})"
     return message
+
+
+class _LogRecords(logging.Handler):
+    """Collects the records a library logs while it is attached (tifffile reports damage this way)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _tiff_damage(path: Path, size: int) -> str | None:
+    """Why a TIFF's structure does not fit in its `size` bytes (an IFD or tile beyond the end), or None."""
+    tifffile_log = logging.getLogger("tifffile")
+    collector = _LogRecords()
+    tifffile_log.addHandler(collector)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data_end = max(
+                (int(np.max(np.add(page.dataoffsets, page.databytecounts))) for page in tif.pages
+                 if len(page.dataoffsets)),
+                default=0,
+            )
+            pages = len(tif.pages)
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error):
+        return f"file ends at byte {size}"
+    finally:
+        tifffile_log.removeHandler(collector)
+    if data_end > size:
+        return f"file ends at byte {size}; its tiles run to byte {data_end}"
+    if pages == 0 or collector.records:
+        return f"file ends at byte {size}"
+    return None
+
+
+def _dicom_damage(path: Path, size: int) -> str | None:
+    """Why an encapsulated (compressed) DICOM file looks cut short: it lacks the closing delimiter."""
+    with path.open("rb") as stream:
+        meta = stream.read(4096)
+        stream.seek(max(0, size - len(_DICOM_SEQUENCE_DELIMITER)))
+        tail = stream.read()
+    syntax = re.search(rb"\x02\x00\x10\x00UI(..)", meta, flags=re.DOTALL)
+    if syntax is None:
+        return None
+    length = int.from_bytes(syntax.group(1), "little")
+    uid = meta[syntax.end() : syntax.end() + length].rstrip(b"\x00 ").decode("ascii", "replace")
+    if uid in _DICOM_NATIVE_SYNTAXES or tail == _DICOM_SEQUENCE_DELIMITER:
+        return None
+    return f"file ends at byte {size} inside its compressed frames"
+
+
+def diagnose_damaged_file(path: str | Path) -> str | None:
+    """Why a slide file looks damaged in transfer, as a short phrase, or None when it does not.
+
+    An empty file; a TIFF (SVS, NDPI, generic) whose directories or tiles lie beyond its end; a
+    compressed DICOM without the delimiter that closes its frames (a DICOM slide is checked together
+    with the other `.dcm` files of its folder, which OpenSlide reads as one series).
+    """
+    path = Path(path)
+    candidates = [path]
+    if path.suffix.lower() == ".dcm":
+        candidates += sorted(p for p in path.parent.glob("*.dcm") if p != path)
+    for candidate in candidates:
+        try:
+            size = candidate.stat().st_size
+            with candidate.open("rb") as stream:
+                head = stream.read(132)
+        except OSError:
+            continue
+        prefix = "" if candidate == path else f"{candidate.name} of the series: "
+        if size == 0:
+            return f"{prefix}empty file (0 bytes); copy it again"
+        damage = None
+        if head[:4] in _TIFF_MAGIC:
+            damage = _tiff_damage(candidate, size)
+        elif head[128:132] == b"DICM":
+            damage = _dicom_damage(candidate, size)
+        if damage is not None:
+            return f"{prefix}truncated or corrupt ({damage}); copy it again"
+    return None
 
 
 class SlideReader:
@@ -192,6 +284,7 @@ class SlideReader:
         self._level_dimensions: tuple[tuple[int, int], ...] = ()
         self._level_downsamples: tuple[float, ...] = ()
         self._mpp_info: MppInfo | None = None
+        self._damage_cause: str | object | None = _NOT_CHECKED
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -211,9 +304,8 @@ class SlideReader:
                 level_dimensions = tuple(handle.level_dimensions)
                 level_downsamples = tuple(handle.level_downsamples)
             except _OPENSLIDE_FAILURES as err:
-                raise SlideOpenError(
-                    f"{self._path.name}: cannot open: {_describe_failure(err)}"
-                ) from err
+                cause = self._damage() or _describe_failure(err)
+                raise SlideOpenError(f"{self._path.name}: cannot open: {cause}") from err
             self._properties = properties
             self._level_dimensions = level_dimensions
             self._level_downsamples = level_downsamples
@@ -229,10 +321,18 @@ class SlideReader:
         with self._lock:
             if self._handle is handle:
                 self._handle = None
-        cause = _describe_failure(err)
-        if isinstance(err, openslide.OpenSlideError):
-            cause = f"corrupt image data: {cause}"
+        cause = self._damage()
+        if cause is None:
+            cause = _describe_failure(err)
+            if isinstance(err, openslide.OpenSlideError):
+                cause = f"corrupt image data: {cause}"
         return SlideOpenError(f"{self._path.name}: {action} failed: {cause}")
+
+    def _damage(self) -> str | None:
+        """`diagnose_damaged_file` of this slide, worked out once, on the first failure."""
+        if self._damage_cause is _NOT_CHECKED:
+            self._damage_cause = diagnose_damaged_file(self._path)
+        return self._damage_cause  # type: ignore[return-value]
 
     def close(self) -> None:
         """Release the OpenSlide handle (it is reopened on next use)."""
