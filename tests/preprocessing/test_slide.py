@@ -93,6 +93,26 @@ def test_dicom_series_opens_from_any_file(slides_dir: Path, file_name: str) -> N
         assert slide.read_level(6).shape == (46, 34, 3)
 
 
+def test_dicom_whose_header_mislabels_ycbcr_frames_reads_in_the_svs_colours(slides_dir: Path) -> None:
+    svs = open_slide(slides_dir / CMU)
+    dicom = open_slide(slides_dir / CMU_DICOM / "level-0-frames-0-30.dcm")
+    assert dicom.properties["dicom.PhotometricInterpretation"] == "RGB"  # what OpenSlide trusts
+    assert dicom.color_correction is not None and "YCbCr" in dicom.color_correction
+    region = ((500, 1500), 0, (800, 800))
+    wanted = svs.read_region(*region).astype(float)
+    got = dicom.read_region(*region).astype(float)
+    # The same section through two JPEG encodings: under 8 levels apart on average, same means.
+    assert np.abs(got - wanted).mean() < 8
+    np.testing.assert_allclose(got.mean(axis=(0, 1)), wanted.mean(axis=(0, 1)), atol=3)
+    # The glass outside the slide is padded white, not salmon (255, 128, 128).
+    assert (dicom.read_region((2200, 2900), 0, (64, 64))[-8:, -8:] == 255).all()
+    raw = openslide.OpenSlide(slides_dir / CMU_DICOM / "level-0-frames-0-30.dcm")
+    uncorrected = np.asarray(raw.read_region((0, 0), 0, (64, 64)).convert("RGB"), dtype=float)
+    assert uncorrected[..., 0].mean() - uncorrected[..., 1].mean() > 60  # OpenSlide alone: salmon
+    # A DICOM whose JPEG frames say RGB (Adobe transform 0) is left alone.
+    assert open_slide(slides_dir / "tiny/dicom-boxes/boxes_0.dcm").color_correction is None
+
+
 def test_tiny_svs_and_its_dicom_conversion_have_identical_pixels(slides_dir: Path) -> None:
     svs = open_slide(slides_dir / "tiny/small.svs")
     assert (svs.dimensions, svs.mpp) == ((16, 16), MppInfo(0.499, "properties"))

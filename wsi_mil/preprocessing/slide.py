@@ -7,6 +7,7 @@ Every OpenSlide or Pillow failure leaves this module as `SlideOpenError` naming 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import re
@@ -40,10 +41,15 @@ LEVEL_DOWNSAMPLE_TOLERANCE = 1.01
 # Whole-slide resampling reads the source level in bands of about this many pixels.
 _BAND_PIXELS = 16 * 1024 * 1024
 _HASH_CHUNK = 1024 * 1024
-_WHITE = (255, 255, 255, 255)
+_WHITE = (255, 255, 255)
 _RESOLUTION_UNIT_UM = {"centimeter": 1e4, "inch": 25.4e3}
 _OPENSLIDE_FAILURES = (openslide.OpenSlideError, OSError)
 _NOT_CHECKED = object()
+# JPEG baseline and extended: the transfer syntaxes whose frames may carry a JFIF (YCbCr) marker.
+_DICOM_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+_DICOM_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_DICOM_FRAME_SEARCH_BYTES = 8 << 20  # the header and offset tables come before the first frame
+_JPEG_HEADER_BYTES = 64 << 10
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Encapsulated pixel data ends with a Sequence Delimitation Item (FFFE,E0DD) of length 0.
 _DICOM_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -268,6 +274,52 @@ def diagnose_damaged_file(path: str | Path) -> str | None:
     return None
 
 
+def _jpeg_decodes_from_ycbcr(header: bytes) -> bool | None:
+    """Whether libjpeg decodes this 3-component JPEG from YCbCr, by its own rules; None if unreadable.
+
+    A JFIF marker means YCbCr; else an Adobe marker decides (transform 0 is RGB); else component ids
+    'R', 'G', 'B' mean RGB and anything else YCbCr.
+    """
+    try:
+        with Image.open(io.BytesIO(header)) as image:
+            info, layers = image.info, [layer[0] for layer in getattr(image, "layer", [])]
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if len(layers) != 3:
+        return None
+    if "jfif" in info:
+        return True
+    if "adobe" in info:
+        return info.get("adobe_transform") != 0
+    return layers != [ord("R"), ord("G"), ord("B")]
+
+
+def dicom_frames_are_ycbcr_labelled_rgb(path: str | Path, properties: Mapping[str, str]) -> bool:
+    """True when a DICOM says PhotometricInterpretation RGB but its JPEG frames are YCbCr (JFIF).
+
+    OpenSlide 4.0.1 trusts the header and skips the YCbCr-to-RGB conversion, so such a slide reads
+    with salmon glass and teal tissue. Only the first frame of `path` is looked at (a series is
+    written by one converter).
+    """
+    if properties.get(openslide.PROPERTY_NAME_VENDOR) != "dicom":
+        return False
+    if properties.get("dicom.PhotometricInterpretation") != "RGB":
+        return False
+    if properties.get("dicom.TransferSyntaxUID") not in _DICOM_JPEG_SYNTAXES:
+        return False
+    try:
+        with Path(path).open("rb") as stream:
+            head = stream.read(_DICOM_FRAME_SEARCH_BYTES)
+    except OSError:
+        return False
+    pixel_data = head.find(_DICOM_PIXEL_DATA_TAG)
+    start = head.find(b"\xff\xd8\xff", pixel_data) if pixel_data >= 0 else -1
+    if start < 0:
+        logger.warning("%s: no JPEG frame found to check its colour space", Path(path).name)
+        return False
+    return bool(_jpeg_decodes_from_ycbcr(head[start : start + _JPEG_HEADER_BYTES]))
+
+
 class SlideReader:
     """A whole-slide image opened with OpenSlide on first use; picklable for DataLoader workers.
 
@@ -285,6 +337,7 @@ class SlideReader:
         self._level_downsamples: tuple[float, ...] = ()
         self._mpp_info: MppInfo | None = None
         self._damage_cause: str | object | None = _NOT_CHECKED
+        self._ycbcr_labelled_rgb: bool | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -309,6 +362,8 @@ class SlideReader:
             self._properties = properties
             self._level_dimensions = level_dimensions
             self._level_downsamples = level_downsamples
+            if self._ycbcr_labelled_rgb is None:
+                self._ycbcr_labelled_rgb = dicom_frames_are_ycbcr_labelled_rgb(self._path, properties)
             self._handle = handle
             return handle
 
@@ -404,6 +459,14 @@ class SlideReader:
         return vendor or openslide.OpenSlide.detect_format(self._path) or "unknown"
 
     @property
+    def color_correction(self) -> str | None:
+        """What the reader corrects in OpenSlide's colours, in words (recorded with the features)."""
+        self._open()
+        if self._ycbcr_labelled_rgb:
+            return "ycbcr_to_rgb: the DICOM header says RGB but its JPEG frames are YCbCr (JFIF)"
+        return None
+
+    @property
     def mpp(self) -> MppInfo:
         """Microns per level-0 pixel, resolved once by `resolve_mpp`; raises `MissingMppError`."""
         if self._mpp_info is None:
@@ -430,9 +493,18 @@ class SlideReader:
     # -- pixels ----------------------------------------------------------------------------------
 
     def read_region_image(
-        self, location: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        *,
+        background: tuple[int, int, int] = _WHITE,
     ) -> Image.Image:
-        """An RGB Pillow image of `size` px at `level` from level-0 `location`, alpha on white."""
+        """An RGB Pillow image of `size` px at `level` from level-0 `location`.
+
+        Transparent pixels (outside the slide or its scanned area) take the `background` colour.
+        Frames that OpenSlide decodes in the wrong colour space are converted (`color_correction`).
+        """
         width, height = size
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {size}")
@@ -443,7 +515,9 @@ class SlideReader:
             rgba = handle.read_region((int(location[0]), int(location[1])), level, (width, height))
         except _OPENSLIDE_FAILURES as err:
             raise self._fail(err, f"reading level {level} at {tuple(location)}", handle) from err
-        return _composite_on_white(rgba)
+        if self._ycbcr_labelled_rgb:
+            rgba = _ycbcr_to_rgb(rgba)
+        return _composite_on(rgba, background)
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -516,14 +590,23 @@ def _unpickle_reader(path: Path, mpp_override: float | None) -> SlideReader:
     return SlideReader(path, mpp_override=mpp_override)
 
 
-def _composite_on_white(rgba: Image.Image) -> Image.Image:
-    """RGB image of an (unpremultiplied) RGBA region laid over white."""
+def _composite_on(rgba: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """RGB image of an (unpremultiplied) RGBA region laid over a plain `color`."""
     if rgba.mode != "RGBA":
         return rgba.convert("RGB")
     if rgba.getchannel("A").getextrema() == (255, 255):
         return rgba.convert("RGB")
-    background = Image.new("RGBA", rgba.size, _WHITE)
+    background = Image.new("RGBA", rgba.size, (*color, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _ycbcr_to_rgb(rgba: Image.Image) -> Image.Image:
+    """RGBA whose RGB channels actually hold JFIF YCbCr, converted to RGB (alpha kept)."""
+    channels = rgba.split()
+    rgb = Image.merge("YCbCr", channels[:3]).convert("RGB")
+    if len(channels) == 4:
+        rgb.putalpha(channels[3])
+    return rgb
 
 
 def open_slide(path: str | Path, *, mpp_override: float | None = None) -> SlideReader:
