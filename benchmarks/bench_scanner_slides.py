@@ -27,8 +27,15 @@ import numpy as np
 from skimage import draw
 
 from wsi_mil.demo.scanner import CompositeSlide, build_edge_slide, build_inked_slide
+from wsi_mil.preprocessing.qc import background_warning
 from wsi_mil.preprocessing.slide import SlideReader, open_slide
-from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, tile_grid
+from wsi_mil.preprocessing.tiling import (
+    TileGrid,
+    TilingParams,
+    tile_footprint,
+    tile_grid,
+    tissue_coverage,
+)
 from wsi_mil.preprocessing.tissue import TissueMask, TissueParams, segment_tissue, tissue_contours
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +44,6 @@ TCGA = SHARED_SLIDES / "tissue" / "tcga-cr-7395-01a-01-ts1.svs"
 CMU = SHARED_SLIDES / "tissue" / "CMU-1-Small-Region.svs"
 CMU_DICOM = SHARED_SLIDES / "tissue" / "dicom-cmu-1-small-region" / "level-0-frames-0-30.dcm"
 ON_INK = 0.25
-
-
-def covered_by_tiles(grid: TileGrid, shape: tuple[int, int], downsample: float) -> np.ndarray:
-    """Boolean raster `shape` (one pixel per `downsample` level-0 px): pixel centres inside a kept tile."""
-    covered = np.zeros(shape, dtype=bool)
-    size = grid.tile_size_level0
-    for x, y in grid.coords.astype(np.float64):
-        r0, r1 = (max(0, int(np.ceil(v / downsample - 0.5))) for v in (y, y + size))
-        c0, c1 = (max(0, int(np.ceil(v / downsample - 0.5))) for v in (x, x + size))
-        covered[r0:r1, c0:c1] = True
-    return covered
 
 
 def polygon_raster(mask: TissueMask, shape: tuple[int, int], downsample: float) -> np.ndarray:
@@ -80,7 +76,7 @@ def segment_and_tile(path: Path) -> tuple[SlideReader, TissueMask, TileGrid]:
 def composite_row(name: str, composite: CompositeSlide, clean_tiles: int | None) -> dict[str, Any]:
     slide, mask, grid = segment_and_tile(composite.path)
     truth, ds = composite.tissue, composite.truth_downsample
-    covered = covered_by_tiles(grid, truth.shape, ds)
+    covered = tile_footprint(grid.coords, grid.tile_size_level0, truth.shape, ds)
     true_ink = composite.ink_fractions(grid.coords, grid.tile_size_level0)
     row: dict[str, Any] = {
         "slide": name,
@@ -105,15 +101,14 @@ def real_slide_row(name: str, path: Path) -> dict[str, Any]:
     ds = 4.0
     shape = (int(slide.dimensions[1] // ds), int(slide.dimensions[0] // ds))
     polygons = polygon_raster(mask, shape, ds)
-    covered = covered_by_tiles(grid, shape, ds)
-    thumbnail = np.asarray(slide.get_thumbnail((512, 512)))
-    thumbnail_ds = slide.dimensions[0] / thumbnail.shape[1]
-    background = thumbnail[~mask_on_truth(mask, np.ones(thumbnail.shape[:2], bool), thumbnail_ds)]
+    covered = tile_footprint(grid.coords, grid.tile_size_level0, shape, ds)
     row = {
         "slide": name,
         "tiles": len(grid),
         "coverage_of_tissue_polygons": round(float(covered[polygons].mean()), 3),
-        "background_rgb": [int(v) for v in np.median(background, axis=0)] if len(background) else None,
+        "coverage_of_tissue_mask": round(tissue_coverage(grid, mask), 3),
+        "background_rgb": list(mask.background_rgb),
+        "qc_warning": background_warning(mask) or "",
     }
     slide.close()
     return row

@@ -109,6 +109,40 @@ def test_batches_may_arrive_in_any_order(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_feature_file(tmp_path / "b.h5").features, features)
 
 
+def test_dropped_rows_leave_every_dataset_and_tile_data_round_trips(tmp_path: Path) -> None:
+    features, coords = make_bag(n=300)
+    ink = np.linspace(0, 1, 300, dtype=np.float32)
+    dropped = [0, 5, 64, 65, 200, 299]  # across several 64-row chunks, first and last included
+    with FeatureFileWriter(
+        tmp_path / "dropped.h5",
+        num_tiles=300,
+        feature_dim=8,
+        coords=coords,
+        provenance=make_provenance(),
+        dtype="float32",
+        tile_data={"ink_fraction": ink},
+    ) as writer:
+        for start in range(0, 300, 64):
+            writer.write(start, features[start : start + 64])
+        writer.drop_rows(dropped)
+    bag = read_feature_file(tmp_path / "dropped.h5")
+    keep = np.setdiff1d(np.arange(300), dropped)
+    np.testing.assert_array_equal(bag.features, features[keep])
+    np.testing.assert_array_equal(bag.coords, coords[keep])
+    np.testing.assert_array_equal(bag.tile_data["ink_fraction"], ink[keep])
+    # Dropped rows need not be written at all.
+    with FeatureFileWriter(
+        tmp_path / "unwritten.h5", num_tiles=3, feature_dim=8, coords=coords[:3], provenance=make_provenance()
+    ) as writer:
+        writer.write(0, features[:1])
+        writer.drop_rows([1, 2])
+    assert read_feature_file(tmp_path / "unwritten.h5").num_tiles == 1
+    assert read_feature_file(write_feature_file(tmp_path / "plain.h5", features, coords, make_provenance())).tile_data == {}
+    with pytest.raises(FeatureFileError, match="tile data 'coords'"):
+        FeatureFileWriter(tmp_path / "x.h5", num_tiles=300, feature_dim=8, coords=coords,
+                          provenance=make_provenance(), tile_data={"coords": ink})
+
+
 def test_coords_attributes_serve_clam_and_trident_readers(tmp_path: Path) -> None:
     provenance = make_provenance(
         read_level=1, read_size=254, read_level_downsample=2.0, read_level_dimensions=(23000, 16457)
@@ -473,6 +507,9 @@ def test_every_provenance_field_is_required_except_the_optional_ones() -> None:
         "read_level_downsample",
         "read_level_dimensions",
         "objective_power",
+        "background_rgb",
+        "color_correction",
+        "edge_padding",
     }
     assert {"params_hash", "mpp", "mpp_source", "transform", "created_utc"} <= required
 

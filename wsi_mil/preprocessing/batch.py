@@ -311,7 +311,10 @@ def write_summary(results: Sequence[SlideResult], out: Path) -> Path:
     path = out / "summary.csv"
     with atomic_open(path, "w", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["slide_id", "status", "tiles", "seconds", "mpp", "mpp_source", "reason", "slide_path"])
+        writer.writerow(
+            ["slide_id", "status", "tiles", "seconds", "mpp", "mpp_source", "reason", "warnings", "slide_path"]
+        )
         for r in results:
-            writer.writerow([r.slide_id, r.status, r.tiles, r.seconds, r.mpp, r.mpp_source, r.reason, r.slide_path])
+            writer.writerow([r.slide_id, r.status, r.tiles, r.seconds, r.mpp, r.mpp_source, r.reason,
+                             " | ".join(r.warnings), r.slide_path])
     return path

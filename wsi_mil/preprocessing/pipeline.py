@@ -6,6 +6,7 @@ features of the same tiles are identical whichever way a slide is processed.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import timm
@@ -27,14 +28,21 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder, resolve_precision
 from wsi_mil.preprocessing.extract import extract_features
 from wsi_mil.preprocessing.feature_file import FeatureFileWriter, FeatureProvenance
-from wsi_mil.preprocessing.qc import render_qc_thumbnail, save_json_atomic, save_png_atomic
+from wsi_mil.preprocessing.qc import (
+    background_warning,
+    render_qc_thumbnail,
+    save_json_atomic,
+    save_png_atomic,
+)
 from wsi_mil.preprocessing.slide import SlideReader, open_slide, quick_hash
-from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, tile_grid
+from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, tile_grid, tissue_coverage
 from wsi_mil.preprocessing.tissue import TissueMask, TissueParams, segment_tissue, tissue_geojson
 
 log = logging.getLogger(__name__)
 
 SlideStatus = Literal["done", "failed", "no_tissue", "skipped"]
+# A kept tile at least this much under marker ink is counted (and warned about) in the QC.
+INKED_TILE_FRACTION = 0.25
 
 
 class PreprocessConfig(BaseModel):
@@ -105,15 +113,23 @@ class OutputPaths:
             p.parent.mkdir(parents=True, exist_ok=True)
 
     def remove_stale_temporaries(self) -> None:
-        """Delete temporary files a killed run left for this slide (never under a final name)."""
-        for folder in {self.features.parent, self.mask.parent, self.qc.parent, self.status.parent}:
-            for tmp in folder.glob(f"*{self.slide_id}*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+        """Delete temporary files a killed run left for this slide's outputs (never a final name).
+
+        `wsi_mil.atomic` names them `.<final name>.<hex>.tmp`; older versions used `<final name>.tmp-*`.
+        """
+        for final in (self.features, self.mask, self.geojson, self.qc, self.status):
+            for pattern in (f".{glob.escape(final.name)}.*.tmp", f"{glob.escape(final.name)}.tmp-*"):
+                for tmp in final.parent.glob(pattern):
+                    tmp.unlink(missing_ok=True)
 
 
 @dataclass
 class SlideResult:
-    """The status record of one slide (written as JSON to `status/<slide_id>.json`)."""
+    """The status record of one slide (written as JSON to `status/<slide_id>.json`).
+
+    `warnings` are one-line notes that need a look (also drawn on the QC image); `qc` holds the
+    measured facts behind them (background colour, colour correction, ...).
+    """
 
     slide_id: str
     slide_path: str
@@ -127,6 +143,8 @@ class SlideResult:
     feature_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     finished_utc: str = ""
+    warnings: list[str] = field(default_factory=list)
+    qc: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -184,7 +202,8 @@ def _run_slide(
         mask = segment_tissue(slide, config.tissue)
         grid = tile_grid(slide, mask, config.tiling)
         result.timings["tissue_and_tiling_s"] = round(time.perf_counter() - clock, 3)
-        _write_tissue_outputs(slide, mask, grid, paths, config)
+        _check_quality(slide, mask, grid, result)
+        _write_tissue_outputs(slide, mask, grid, paths, config, result.warnings)
         result.tiles = len(grid)
         if len(grid) == 0:
             result.status = "no_tissue"
@@ -205,6 +224,7 @@ def _run_slide(
             coords=grid.coords,
             provenance=provenance,
             dtype=config.features_dtype,
+            tile_data={"ink_fraction": grid.ink_fractions},
         ) as writer:
             done = 0
             for start, feats in extract_features(
@@ -223,12 +243,39 @@ def _run_slide(
         result.status, result.feature_path = "done", str(paths.features)
 
 
+def _check_quality(slide: SlideReader, mask: TissueMask, grid: TileGrid, result: SlideResult) -> None:
+    """Record the slide's QC facts in `result.qc` and add a warning for each one that is off."""
+    result.qc["background_rgb"] = list(mask.background_rgb) if mask.background_rgb else None
+    result.qc["color_correction"] = slide.color_correction
+    result.qc["tissue_coverage"] = round(tissue_coverage(grid, mask), 4)
+    result.qc["padded_edge_tiles"] = grid.padded_tiles
+    result.qc["ink_area_fraction"] = round(mask.ink_area_fraction, 4)
+    inked = int((grid.ink_fractions >= INKED_TILE_FRACTION).sum()) if grid.ink_fractions is not None else 0
+    result.qc["inked_tiles"] = inked
+    warnings = [background_warning(mask)]
+    if inked:
+        warnings.append(
+            f"marker ink covers at least {INKED_TILE_FRACTION:.0%} of {inked} of {len(grid)} kept tiles "
+            "(ink_fraction in the feature file; --max-ink drops such tiles)"
+        )
+    for warning in warnings:
+        if warning is not None:
+            log.warning("%s: %s", result.slide_id, warning)
+            result.warnings.append(warning)
+
+
 def _write_tissue_outputs(
-    slide: SlideReader, mask: TissueMask, grid: TileGrid, paths: OutputPaths, config: PreprocessConfig
+    slide: SlideReader,
+    mask: TissueMask,
+    grid: TileGrid,
+    paths: OutputPaths,
+    config: PreprocessConfig,
+    warnings: list[str],
 ) -> None:
     save_png_atomic(Image.fromarray((mask.mask * 255).astype(np.uint8)), paths.mask)
     save_json_atomic(tissue_geojson(mask, name=paths.slide_id), paths.geojson)
-    save_png_atomic(render_qc_thumbnail(slide, mask, grid, max_size=config.qc_max_size), paths.qc)
+    thumbnail = render_qc_thumbnail(slide, mask, grid, max_size=config.qc_max_size, warnings=warnings)
+    save_png_atomic(thumbnail, paths.qc)
 
 
 def _provenance(
@@ -271,7 +318,10 @@ def _provenance(
         precision=resolve_precision(config.precision, encoder.cfg, encoder.device),
         transform=encoder.transform_info(),
         tissue={"method": "classical", **config.tissue.model_dump(), "area_fraction": mask.area_fraction},
+        background_rgb=mask.background_rgb,
+        color_correction=slide.color_correction,
         tiling=config.tiling.model_dump(),
+        edge_padding=grid.edge_padding(),
         params_hash=params_hash,
         timm_version=timm.__version__,
         torch_version=torch.__version__,
