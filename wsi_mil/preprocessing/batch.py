@@ -28,6 +28,7 @@ from wsi_mil.preprocessing.pipeline import (
     OutputPaths,
     PreprocessConfig,
     SlideResult,
+    one_line_reason,
     preprocess_slide,
 )
 from wsi_mil.preprocessing.qc import save_json_atomic
@@ -257,7 +258,7 @@ def _run_pool(
             try:
                 result = future.result()
             except Exception as err:  # a worker that died (e.g. a crash inside a native reader)
-                result = SlideResult(task.slide_id, task.slide_path, "failed", f"worker crashed: {type(err).__name__}: {err}")
+                result = SlideResult(task.slide_id, task.slide_path, "failed", f"worker crashed: {one_line_reason(err)}")
                 save_json_atomic(result.to_json(), OutputPaths(out, task.slide_id).status)
             results.append(result)
             if on_result:
@@ -295,7 +296,7 @@ def _run_ray(
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # the task's process died
-                result = SlideResult(task.slide_id, task.slide_path, "failed", f"ray task failed: {type(err).__name__}: {err}")
+                result = SlideResult(task.slide_id, task.slide_path, "failed", f"ray task failed: {one_line_reason(err)}")
                 save_json_atomic(result.to_json(), OutputPaths(out, task.slide_id).status)
             results.append(result)
             if on_result:

@@ -24,7 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_mil import __version__
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import SlideOpenError, WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder, resolve_precision
 from wsi_mil.preprocessing.extract import extract_features
 from wsi_mil.preprocessing.feature_file import FeatureFileWriter, FeatureProvenance
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 SlideStatus = Literal["done", "failed", "no_tissue", "skipped"]
 # A kept tile at least this much under marker ink is counted (and warned about) in the QC.
 INKED_TILE_FRACTION = 0.25
+# Status files list the coordinates of at most this many unreadable tiles.
+MAX_UNREADABLE_LISTED = 100
 
 
 class PreprocessConfig(BaseModel):
@@ -57,6 +59,9 @@ class PreprocessConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     features_dtype: Literal["float16", "float32"] = "float16"
     slide_mpp: float | None = Field(default=None, description="mpp for slides whose files carry none")
+    max_unreadable_fraction: float = Field(
+        0.05, ge=0, le=1, description="tiles that cannot be read are left out up to this share; above, the slide fails"
+    )
     # runtime only: not part of the parameter hash
     batch_size: int = 64
     num_workers: int = 2
@@ -73,6 +78,7 @@ class PreprocessConfig(BaseModel):
             "precision": self.precision,
             "features_dtype": self.features_dtype,
             "slide_mpp_override": slide_mpp_override,
+            "max_unreadable_fraction": self.max_unreadable_fraction,
         }
 
     def params_hash(self, slide_mpp_override: float | None = None) -> str:
@@ -176,14 +182,59 @@ def preprocess_slide(
     try:
         _run_slide(slide_path, paths, config, result, override, encoder, on_tiles)
     except WsiMilError as err:
-        result.status, result.reason = "failed", str(err)
+        result.status, result.reason = "failed", one_line_reason(err)
     except Exception as err:  # a broken slide must fail alone, with its reason, not stop a batch
         log.exception("unexpected error on slide %s", slide_id)
-        result.status, result.reason = "failed", f"{type(err).__name__}: {err}"
+        result.status, result.reason = "failed", one_line_reason(err)
     result.seconds = round(time.perf_counter() - started, 3)
     result.finished_utc = datetime.now(UTC).isoformat(timespec="seconds")
     save_json_atomic(result.to_json(), paths.status)
     return result
+
+
+def one_line_reason(err: BaseException) -> str:
+    """An exception as the one-line reason a status record and summary.csv hold.
+
+    A DataLoader worker's error arrives as "Caught X in DataLoader worker process 0. Original
+    Traceback ..."; the reason is then its last line, the original "X: message". Other messages are
+    joined onto one line; errors that are not wsi_mil's own keep their type name in front.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1]
+    message = " ".join(lines) or type(err).__name__
+    return message if isinstance(err, WsiMilError) else f"{type(err).__name__}: {message}"
+
+
+class _UnreadableTiles:
+    """Collects tiles that could not be read, in `result.qc`; fails the slide once there are too many."""
+
+    def __init__(self, slide: SlideReader, grid: TileGrid, max_fraction: float, result: SlideResult) -> None:
+        self.slide_name = slide.name
+        self.grid = grid
+        self.max_fraction = max_fraction
+        self.result = result
+        self.rows: list[int] = []
+        self.first_cause = ""
+
+    def __call__(self, row: int, reason: str) -> None:
+        self.rows.append(row)
+        self.first_cause = self.first_cause or reason.removeprefix(f"{self.slide_name}: ")
+        self.result.qc["unreadable_tiles"] = len(self.rows)
+        coords = self.grid.coords[self.rows[:MAX_UNREADABLE_LISTED]]
+        self.result.qc["unreadable_coords"] = coords.tolist()
+        if len(self.rows) > self.max_fraction * len(self.grid):
+            raise SlideOpenError(
+                f"{self.slide_name}: more than {self.max_fraction:.0%} of its {len(self.grid)} tiles "
+                f"cannot be read ({len(self.rows)} so far; first: {self.first_cause}); "
+                "see unreadable_coords in its status file"
+            )
+
+    def warning(self) -> str:
+        return (
+            f"{len(self.rows)} of {len(self.grid)} tiles could not be read and were left out "
+            f"(first: {self.first_cause}; where: unreadable_coords)"
+        )
 
 
 def _run_slide(
@@ -226,6 +277,7 @@ def _run_slide(
             dtype=config.features_dtype,
             tile_data={"ink_fraction": grid.ink_fractions},
         ) as writer:
+            unreadable = _UnreadableTiles(slide, grid, config.max_unreadable_fraction, result)
             done = 0
             for start, feats in extract_features(
                 slide,
@@ -234,11 +286,16 @@ def _run_slide(
                 batch_size=config.batch_size,
                 num_workers=config.num_workers,
                 precision=config.precision,
+                on_unreadable=unreadable,
             ):
                 writer.write(start, feats)
                 done += len(feats)
                 if on_tiles is not None:
                     on_tiles(done, len(grid))
+            writer.drop_rows(unreadable.rows)
+        if unreadable.rows:
+            result.tiles = len(grid) - len(unreadable.rows)
+            result.warnings.append(unreadable.warning())
         result.timings["features_s"] = round(time.perf_counter() - clock, 3)
         result.status, result.feature_path = "done", str(paths.features)
 
