@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +440,42 @@ def test_reads_pt_bags(tmp_path: Path) -> None:
     torch.save({"embeddings": torch.zeros(3, 4)}, tmp_path / "bad.pt")
     with pytest.raises(FeatureFileError, match=r"bad.pt: a dict without `features` or `feats`"):
         read_feature_file(tmp_path / "bad.pt")
+
+
+def _resave_as_numpy1(path: Path) -> None:
+    """Rewrite a torch file's pickle as numpy 1.x writes an array (`numpy.core`, not `numpy._core`)."""
+    with zipfile.ZipFile(path) as source:
+        entries = {info: source.read(info) for info in source.infolist()}
+    with zipfile.ZipFile(path, "w") as target:
+        for info, data in entries.items():
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(info, data)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_reads_tridents_pt_a_pickled_numpy_array_without_full_unpickling(tmp_path: Path, dtype: str) -> None:
+    features, _ = make_bag(n=12, d=16)
+    torch.save(features.astype(dtype), tmp_path / "trident.pt")  # TRIDENT's saveas="pt"
+    bag = read_feature_file(tmp_path / "trident.pt")
+    assert (bag.source_format, bag.num_tiles, bag.feature_dim) == ("pt", 12, 16)
+    np.testing.assert_array_equal(bag.features, features.astype(dtype).astype(np.float32))
+    _resave_as_numpy1(tmp_path / "trident.pt")
+    np.testing.assert_array_equal(read_feature_file(tmp_path / "trident.pt").features, bag.features)
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pt_file_that_would_run_code_is_refused_unrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"features": torch.zeros(2, 3), "hook": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(FeatureFileError, match=r"evil\.pt: not a torch file .* loads safely: .*posix\.system"):
+        read_feature_file(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_truncated_file_raises_with_the_file_name(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def chunk_rows(num_tiles: int, feature_dim: int, itemsize: int) -> int:
     return min(num_tiles, max(MIN_CHUNK_ROWS, TARGET_CHUNK_BYTES // (feature_dim * itemsize)))
 
 
-def _coords_attrs(provenance: FeatureProvenance) -> dict[str, Any]:
+def coords_attributes(provenance: FeatureProvenance) -> dict[str, Any]:
     """CLAM's and TRIDENT's attributes on `coords` (see docs/feature-file-format.md)."""
     attrs: dict[str, Any] = {
         "patch_size": provenance.tile_px,
@@ -335,7 +335,7 @@ class FeatureFileWriter:
                 kept += len(rows)
             self._features.resize((kept, self.feature_dim))
         coords = self._file.create_dataset("coords", data=self.coords[keep], dtype=np.int64)
-        coords.attrs.update(_coords_attrs(self.provenance))
+        coords.attrs.update(coords_attributes(self.provenance))
         for name, values in self.tile_data.items():
             self._file.create_dataset(name, data=values[keep])
         self._file.flush()
@@ -568,23 +568,52 @@ def _wsi_mil_attr_problems(name: str, attrs: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled numeric numpy array needs from the unpickler: the array and dtype
+    constructors (`_reconstruct` under numpy 2's module name and numpy 1's), and nothing else."""
+    reconstruct = np._core.multiarray._reconstruct
+    dtype_classes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64")]
+    return [np.ndarray, np.dtype, *dtype_classes, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def _unpickling_cause(err: BaseException) -> str:
+    """The useful part of torch's weights-only error (what it refused), on one line."""
+    text = str(err).split("Check the documentation")[0]
+    for marker in ("WeightsUnpickler error:", "from a trusted source."):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    return " ".join(text.split())[:300]
+
+
+def _as_tensor(value: Any) -> Any:
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
 def _load_pt(path: Path) -> tuple[FeatureBag | None, list[str]]:
+    """A `.pt` bag: a tensor or a numpy array (TRIDENT pickles one), or a dict of them.
+
+    Loaded with `weights_only=True` and only the numpy array constructors allowed, so a user's
+    file can never run code while it is read.
+    """
     name = path.name
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        return None, [f"{name}: not a readable torch file of tensors: {err}"]
+        cause = _unpickling_cause(err)
+        return None, [f"{name}: not a torch file of tensors or numpy arrays that loads safely: {cause}"]
     attrs: dict[str, Any] = {}
     coords_tensor = None
     if isinstance(loaded, dict):
         key = next((k for k in ("features", "feats") if k in loaded), None)
         if key is None:
             return None, [f"{name}: a dict without `features` or `feats`; keys: {sorted(loaded)}"]
-        features_tensor = loaded[key]
-        coords_tensor = loaded.get("coords")
+        features_tensor = _as_tensor(loaded[key])
+        coords_tensor = _as_tensor(loaded.get("coords"))
         attrs = {k: v for k, v in loaded.items() if isinstance(v, str | int | float | bool)}
     else:
-        features_tensor = loaded
+        features_tensor = _as_tensor(loaded)
     if not isinstance(features_tensor, torch.Tensor) or (
         coords_tensor is not None and not isinstance(coords_tensor, torch.Tensor)
     ):
