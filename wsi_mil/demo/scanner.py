@@ -310,21 +310,23 @@ def build_edge_slide(
     )
 
 
-def damage_tiles(path: str | Path, fraction: float, *, seed: int = 0) -> list[tuple[int, int, int, int]]:
-    """Overwrite the JPEG data of about `fraction` of the level-0 TIFF tiles with zeros, in place.
+def damage_tiles(
+    path: str | Path, fraction: float, *, level: int = 0, seed: int = 0
+) -> list[tuple[int, int, int, int]]:
+    """Overwrite the JPEG data of about `fraction` of one pyramid level's TIFF tiles with zeros, in place.
 
-    Tiles are picked at random among those whose data is not blank glass (the largest JPEG tiles),
-    so the tissue tiles a pipeline reads hit them. Returns the damaged level-0 boxes (x0, y0, x1, y1).
-    The lower pyramid levels stay intact, so tissue detection still works.
+    Tiles are picked at random among the quarter with the most JPEG data (tissue compresses worst;
+    blank glass best), so the tissue tiles a pipeline reads hit them. Returns the damaged boxes (x0, y0, x1, y1) in
+    pixels of that level. The other levels stay intact, so tissue detection still works.
     """
     rng = np.random.default_rng(seed)
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
+        page = tif.pages[level]
         offsets, counts = page.dataoffsets, page.databytecounts
         tile_h, tile_w = page.tilelength, page.tilewidth
         across = math.ceil(page.imagewidth / tile_w)
     sizes = np.asarray(counts)
-    busy = np.flatnonzero(sizes > np.median(sizes))
+    busy = np.flatnonzero(sizes > np.percentile(sizes, 75))
     chosen = rng.choice(busy, size=max(1, round(fraction * len(sizes))), replace=False)
     boxes = []
     with open(path, "r+b") as stream:
