@@ -118,3 +118,27 @@ def aperio_without_mpp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("aperio") / "no-mpp.svs"
     description = "Aperio Image Library v12.0.0\r\n512x512 (256x256) JPEG/RGB Q=70|AppMag = 20"
     return write_pyramid_tiff(path, image, downsamples=(1,), mpp=0.25, description=description)
+
+
+TCGA = "tissue/tcga-cr-7395-01a-01-ts1.svs"
+
+
+@pytest.fixture(scope="session")
+def inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Real TCGA tissue on glass (4 x 2.6 mm at 1 µm/px): clean, with green/blue/red/black marker
+    strokes 200-300 µm wide around the tissue, and with the same colours over it; truth included."""
+    from wsi_mil.demo.scanner import build_inked_slide
+
+    folder = tmp_path_factory.mktemp("inked")
+    return {
+        layout: build_inked_slide(folder / f"{layout}.tiff", slides_dir / TCGA, ink=layout)
+        for layout in ("none", "around", "over")
+    }
+
+
+@pytest.fixture(scope="session")
+def edge_slide(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Real TCGA tissue running off the right and bottom edges of a 3300 x 2900 px, 0.25 µm/px slide."""
+    from wsi_mil.demo.scanner import build_edge_slide
+
+    return build_edge_slide(tmp_path_factory.mktemp("edge") / "edge.tiff", slides_dir / TCGA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_mil.demo.scanner import damage_tiles
 from wsi_mil.preprocessing.batch import (
     SlideTask,
     find_slides,
@@ -49,7 +51,7 @@ def test_real_slides_batch_fails_broken_files_alone(slides_dir: Path, tmp_path: 
     assert (tmp_path / "summary.csv").read_text().count("\n") == len(tasks) + 1
     # a slide with almost no tissue is a reported status, not a failure
     assert results["small"].status in ("no_tissue", "done")
-    assert not list(tmp_path.rglob("*.tmp-*"))
+    assert not list(tmp_path.rglob("*.tmp-*")) and not list(tmp_path.rglob(".*.tmp"))
 
 
 def test_missing_mpp_fails_then_works_with_manifest_override(slides_dir: Path, tmp_path: Path) -> None:
@@ -86,13 +88,16 @@ def test_fluorescence_slide_in_dark_background_mode(slides_dir: Path, tmp_path: 
     assert bright.status != "done" or fluo.tiles < bright.tiles
 
 
-def test_dicom_series_is_one_slide(slides_dir: Path, tmp_path: Path) -> None:
+def test_dicom_series_is_one_slide_and_tiles_like_its_svs(slides_dir: Path, tmp_path: Path) -> None:
     tasks = find_slides([slides_dir / "tissue" / "dicom-cmu-1-small-region"])
     assert [t.slide_id for t in tasks] == ["dicom-cmu-1-small-region"]
-    tiling = TilingParams(target_mpp=2.0, tile_px=128)
-    [result] = run_batch(tasks, tmp_path, PreprocessConfig(encoder="test-encoder", weights="random", num_workers=0, tiling=tiling))
-    assert result.status == "done", result.reason
-    assert result.tiles > 5
+    tasks.append(SlideTask(str(slides_dir / "tissue" / "CMU-1-Small-Region.svs"), "svs"))
+    dicom, svs = run_batch(tasks, tmp_path, FAST)
+    assert dicom.status == svs.status == "done", (dicom.reason, svs.reason)
+    # Read with OpenSlide's colours (salmon glass) the series gave 73 tiles against the SVS's 36.
+    assert abs(dicom.tiles - svs.tiles) <= 0.25 * svs.tiles, (dicom.tiles, svs.tiles)
+    assert dicom.warnings == [] and "ycbcr_to_rgb" in dicom.qc["color_correction"]
+    assert read_feature_file(tmp_path / "features" / "dicom-cmu-1-small-region.h5").attrs["color_correction"]
 
 
 def test_rerun_skips_done_slides_and_reruns_on_changed_parameters(demo_slides: list, tmp_path: Path) -> None:
@@ -101,6 +106,11 @@ def test_rerun_skips_done_slides_and_reruns_on_changed_parameters(demo_slides: l
     assert [r.status for r in first] == ["done"] * len(tasks)
     second = run_batch(tasks, tmp_path, FAST)
     assert [r.status for r in second] == ["skipped"] * len(tasks)
+    # skipped slides keep their mpp and its source in the results and in summary.csv
+    assert [(r.mpp, r.mpp_source) for r in second] == [(r.mpp, r.mpp_source) for r in first]
+    with open(tmp_path / "summary.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(float(row["mpp"]), row["mpp_source"]) for row in rows] == [(0.5, "tiff_resolution")] * len(tasks)
     changed = FAST.model_copy(update={"tiling": TilingParams(tile_px=128)})
     third = run_batch(tasks, tmp_path, changed)
     assert [r.status for r in third] == ["done"] * len(tasks)
@@ -178,7 +188,7 @@ def test_resume_after_kill_9(demo_slides: list, tmp_path: Path) -> None:
     for slide_id, status in statuses.items():
         assert status == ("skipped" if slide_id in finished_before else "done"), (slide_id, status)
         assert not validate_feature_file(out / "features" / f"{slide_id}.h5")
-    assert not list(out.rglob("*.tmp-*"))
+    assert not list(out.rglob("*.tmp-*")) and not list(out.rglob(".*.tmp"))
 
 
 def test_ray_executor_on_a_local_instance(demo_slides: list, tmp_path: Path) -> None:
@@ -190,3 +200,74 @@ def test_ray_executor_on_a_local_instance(demo_slides: list, tmp_path: Path) -> 
     a = read_feature_file(tmp_path / "ray" / "features" / f"{tasks[0].slide_id}.h5")
     b = read_feature_file(Path(local[0].feature_path))
     np.testing.assert_array_equal(a.features, b.features)
+
+
+def _scanner_like_slides(folder: Path, slides_dir: Path, inked_slides: dict, edge_slide) -> list[SlideTask]:
+    """Every slide in ../shared/data/slides plus the composites and the damaged copies built here."""
+    tasks = find_slides([slides_dir])
+    for layout, composite in inked_slides.items():
+        tasks.append(SlideTask(str(composite.path), f"inked-{layout}"))
+    tasks.append(SlideTask(str(edge_slide.path), "edge"))
+    # Damage where the QC thumbnail reads (the edge slide's level 1): the slide fails.
+    damaged_level1 = folder / "damaged-level1.tiff"
+    shutil.copy(edge_slide.path, damaged_level1)
+    damage_tiles(damaged_level1, 0.1, level=1)
+    # One damaged level-0 JPEG tile of the 1-µm/px composite, whose tiles only are read there.
+    damaged_tile = folder / "damaged-tile.tiff"
+    shutil.copy(inked_slides["none"].path, damaged_tile)
+    damage_tiles(damaged_tile, 0.001, level=0)
+    (folder / "empty.svs").write_bytes(b"")
+    cut = folder / "cut.svs"
+    cut.write_bytes((slides_dir / "tissue" / "CMU-1-Small-Region.svs").read_bytes()[:600_000])
+    tasks += [SlideTask(str(p), p.stem) for p in (damaged_level1, damaged_tile, folder / "empty.svs", cut)]
+    return tasks
+
+
+def _run_everything(tmp_path: Path, slides_dir: Path, inked_slides: dict, edge_slide, workers: int, jobs: int) -> None:
+    tasks = _scanner_like_slides(tmp_path, slides_dir, inked_slides, edge_slide)
+    config = FAST.model_copy(update={"num_workers": workers})
+    results = run_batch(tasks, tmp_path / "out", config, jobs=jobs)
+    print(f"\n| slide | status | tiles | reason or warnings |  (workers={workers}, jobs={jobs})")
+    for r in results:
+        print(f"| {r.slide_id} | {r.status} | {r.tiles} | {r.reason or '; '.join(r.warnings)} |")
+    by_id = {r.slide_id: r for r in results}
+    assert len(by_id) == len(tasks)
+    for r in results:
+        assert r.status in ("done", "failed", "no_tissue"), (r.slide_id, r.status)
+        assert "\n" not in r.reason and "Traceback" not in r.reason and "DataLoader" not in r.reason
+        if r.status == "failed":
+            assert r.reason.strip(), r.slide_id
+        if r.status == "done":
+            bag = read_feature_file(Path(r.feature_path))
+            assert r.tiles == bag.num_tiles > 0 and r.qc["tissue_coverage"] > 0.9, r.slide_id
+    expected_failures = {"unopenable", "unreadable", "broken", "kidney-48-5", "small_dicom", "empty", "cut",
+                         "damaged-level1",
+                         "tcga-cr-7395-01a-01-ts1",  # no mpp
+                         "boxes"}  # a 352.8-µm/px placeholder resolution: a tile is below one pixel
+    assert {r.slide_id for r in results if r.status == "failed"} == expected_failures
+    assert "empty file (0 bytes)" in by_id["empty"].reason
+    assert "truncated or corrupt (file ends at byte 600000" in by_id["cut"].reason
+    assert "reading level 1 at" in by_id["damaged-level1"].reason
+    assert by_id["damaged-tile"].qc["unreadable_tiles"] == by_id["inked-none"].tiles - by_id["damaged-tile"].tiles > 0
+    assert any("could not be read and were left out" in w for w in by_id["damaged-tile"].warnings)
+    svs, dicom = by_id["CMU-1-Small-Region"], by_id["dicom-cmu-1-small-region"]
+    assert abs(dicom.tiles - svs.tiles) <= 0.25 * svs.tiles
+    assert by_id["inked-around"].tiles == by_id["inked-none"].tiles
+    assert any("fluorescence" in w for w in by_id["test3-DAPI-2-(387)"].warnings)
+    with open(tmp_path / "out" / "summary.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == len(tasks) and all("\n" not in row["reason"] for row in rows)
+
+
+def test_every_shared_slide_and_composite_ends_done_or_failed_with_one_line(
+    slides_dir: Path, inked_slides: dict, edge_slide, tmp_path: Path
+) -> None:
+    _run_everything(tmp_path, slides_dir, inked_slides, edge_slide, workers=0, jobs=1)
+
+
+@pytest.mark.slow
+def test_every_shared_slide_and_composite_with_tile_workers_and_parallel_slides(
+    slides_dir: Path, inked_slides: dict, edge_slide, tmp_path: Path
+) -> None:
+    """`pytest -m slow tests/preprocessing/test_batch.py -k parallel -s` prints the table."""
+    _run_everything(tmp_path, slides_dir, inked_slides, edge_slide, workers=2, jobs=2)

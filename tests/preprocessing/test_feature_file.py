@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,40 @@ def test_batches_may_arrive_in_any_order(tmp_path: Path) -> None:
         for start in (64, 0, 128):
             writer.write(start, features[start : start + 64])
     np.testing.assert_array_equal(read_feature_file(tmp_path / "b.h5").features, features)
+
+
+def test_dropped_rows_leave_every_dataset_and_tile_data_round_trips(tmp_path: Path) -> None:
+    features, coords = make_bag(n=300)
+    ink = np.linspace(0, 1, 300, dtype=np.float32)
+    dropped = [0, 5, 64, 65, 200, 299]  # across several 64-row chunks, first and last included
+    with FeatureFileWriter(
+        tmp_path / "dropped.h5",
+        num_tiles=300,
+        feature_dim=8,
+        coords=coords,
+        provenance=make_provenance(),
+        dtype="float32",
+        tile_data={"ink_fraction": ink},
+    ) as writer:
+        for start in range(0, 300, 64):
+            writer.write(start, features[start : start + 64])
+        writer.drop_rows(dropped)
+    bag = read_feature_file(tmp_path / "dropped.h5")
+    keep = np.setdiff1d(np.arange(300), dropped)
+    np.testing.assert_array_equal(bag.features, features[keep])
+    np.testing.assert_array_equal(bag.coords, coords[keep])
+    np.testing.assert_array_equal(bag.tile_data["ink_fraction"], ink[keep])
+    # Dropped rows need not be written at all.
+    with FeatureFileWriter(
+        tmp_path / "unwritten.h5", num_tiles=3, feature_dim=8, coords=coords[:3], provenance=make_provenance()
+    ) as writer:
+        writer.write(0, features[:1])
+        writer.drop_rows([1, 2])
+    assert read_feature_file(tmp_path / "unwritten.h5").num_tiles == 1
+    assert read_feature_file(write_feature_file(tmp_path / "plain.h5", features, coords, make_provenance())).tile_data == {}
+    with pytest.raises(FeatureFileError, match="tile data 'coords'"):
+        FeatureFileWriter(tmp_path / "x.h5", num_tiles=300, feature_dim=8, coords=coords,
+                          provenance=make_provenance(), tile_data={"coords": ink})
 
 
 def test_coords_attributes_serve_clam_and_trident_readers(tmp_path: Path) -> None:
@@ -407,6 +442,42 @@ def test_reads_pt_bags(tmp_path: Path) -> None:
         read_feature_file(tmp_path / "bad.pt")
 
 
+def _resave_as_numpy1(path: Path) -> None:
+    """Rewrite a torch file's pickle as numpy 1.x writes an array (`numpy.core`, not `numpy._core`)."""
+    with zipfile.ZipFile(path) as source:
+        entries = {info: source.read(info) for info in source.infolist()}
+    with zipfile.ZipFile(path, "w") as target:
+        for info, data in entries.items():
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(info, data)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_reads_tridents_pt_a_pickled_numpy_array_without_full_unpickling(tmp_path: Path, dtype: str) -> None:
+    features, _ = make_bag(n=12, d=16)
+    torch.save(features.astype(dtype), tmp_path / "trident.pt")  # TRIDENT's saveas="pt"
+    bag = read_feature_file(tmp_path / "trident.pt")
+    assert (bag.source_format, bag.num_tiles, bag.feature_dim) == ("pt", 12, 16)
+    np.testing.assert_array_equal(bag.features, features.astype(dtype).astype(np.float32))
+    _resave_as_numpy1(tmp_path / "trident.pt")
+    np.testing.assert_array_equal(read_feature_file(tmp_path / "trident.pt").features, bag.features)
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pt_file_that_would_run_code_is_refused_unrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"features": torch.zeros(2, 3), "hook": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(FeatureFileError, match=r"evil\.pt: not a torch file .* loads safely: .*posix\.system"):
+        read_feature_file(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_truncated_file_raises_with_the_file_name(tmp_path: Path) -> None:
     path = write_feature_file(
         tmp_path / "trunc.h5", *make_bag(n=2000, d=64), make_provenance(feature_dim=64)
@@ -473,6 +544,9 @@ def test_every_provenance_field_is_required_except_the_optional_ones() -> None:
         "read_level_downsample",
         "read_level_dimensions",
         "objective_power",
+        "background_rgb",
+        "color_correction",
+        "edge_padding",
     }
     assert {"params_hash", "mpp", "mpp_source", "transform", "created_utc"} <= required
 

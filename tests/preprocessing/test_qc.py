@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsi_mil.demo.synthetic import write_pyramidal_tiff
+from wsi_mil.preprocessing.pipeline import PreprocessConfig, preprocess_slide
 from wsi_mil.preprocessing.qc import (
     TILE_OUTLINE_COLOR,
+    WARNING_COLOR,
+    background_warning,
     render_qc_thumbnail,
     save_json_atomic,
     save_png_atomic,
@@ -43,6 +47,41 @@ def test_qc_thumbnail_draws_contours_and_tiles_in_place(synthetic_slide) -> None
     without_tiles = render_qc_thumbnail(slide, mask, None, max_size=512)
     assert _count_color(without_tiles, TILE_OUTLINE_COLOR) == 0
     assert _count_color(without_tiles, TISSUE_COLOR) > 200
+
+
+FAST = PreprocessConfig(encoder="test-encoder", weights="random", num_workers=0, batch_size=32)
+
+
+def test_qc_warns_when_the_background_is_far_from_glass(inked_slides, tmp_path: Path) -> None:
+    clean = inked_slides["none"]
+    # The same pixels stored as YCbCr but read as RGB: what a mislabelled DICOM looks like.
+    with open_slide(clean.path) as slide:
+        pixels = slide.read_region((0, 0), 0, slide.dimensions)
+    mislabelled = Image.fromarray(pixels).convert("YCbCr")
+    path = tmp_path / "mislabelled.tiff"
+    write_pyramidal_tiff(path, np.asarray(mislabelled), mpp=clean.mpp)
+    results = {
+        name: preprocess_slide(slide_path, tmp_path / name, FAST)
+        for name, slide_path in (("clean", clean.path), ("mislabelled", path))
+    }
+    assert results["clean"].warnings == []
+    glass = np.median(pixels[:200, :200], axis=(0, 1))
+    np.testing.assert_allclose(results["clean"].qc["background_rgb"], glass, atol=3)
+    [warning] = results["mislabelled"].warnings
+    assert "far from the expected glass colour" in warning and "colour space" in warning
+    status = json.loads((tmp_path / "mislabelled" / "status" / "mislabelled.json").read_text())
+    assert status["warnings"] == [warning]
+    with Image.open(tmp_path / "mislabelled" / "qc" / "mislabelled.png") as qc:
+        assert _count_color(qc.convert("RGB"), WARNING_COLOR) > 100  # written on the QC image
+    with Image.open(tmp_path / "clean" / "qc" / "none.png") as qc:
+        assert _count_color(qc.convert("RGB"), WARNING_COLOR) == 0
+
+
+def test_qc_warns_when_a_fluorescence_slide_runs_as_brightfield(slides_dir: Path) -> None:
+    slide = open_slide(slides_dir / "tissue/test3-DAPI-2-(387).ndpi")
+    brightfield = segment_tissue(slide, TissueParams())
+    assert "fluorescence" in background_warning(brightfield)
+    assert background_warning(segment_tissue(slide, TissueParams(mode="fluorescence"))) is None
 
 
 def _leftovers(folder: Path) -> list[str]:

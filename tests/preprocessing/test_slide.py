@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,26 @@ def test_dicom_series_opens_from_any_file(slides_dir: Path, file_name: str) -> N
         assert slide.read_level(6).shape == (46, 34, 3)
 
 
+def test_dicom_whose_header_mislabels_ycbcr_frames_reads_in_the_svs_colours(slides_dir: Path) -> None:
+    svs = open_slide(slides_dir / CMU)
+    dicom = open_slide(slides_dir / CMU_DICOM / "level-0-frames-0-30.dcm")
+    assert dicom.properties["dicom.PhotometricInterpretation"] == "RGB"  # what OpenSlide trusts
+    assert dicom.color_correction is not None and "YCbCr" in dicom.color_correction
+    region = ((500, 1500), 0, (800, 800))
+    wanted = svs.read_region(*region).astype(float)
+    got = dicom.read_region(*region).astype(float)
+    # The same section through two JPEG encodings: under 8 levels apart on average, same means.
+    assert np.abs(got - wanted).mean() < 8
+    np.testing.assert_allclose(got.mean(axis=(0, 1)), wanted.mean(axis=(0, 1)), atol=3)
+    # The glass outside the slide is padded white, not salmon (255, 128, 128).
+    assert (dicom.read_region((2200, 2900), 0, (64, 64))[-8:, -8:] == 255).all()
+    raw = openslide.OpenSlide(slides_dir / CMU_DICOM / "level-0-frames-0-30.dcm")
+    uncorrected = np.asarray(raw.read_region((0, 0), 0, (64, 64)).convert("RGB"), dtype=float)
+    assert uncorrected[..., 0].mean() - uncorrected[..., 1].mean() > 60  # OpenSlide alone: salmon
+    # A DICOM whose JPEG frames say RGB (Adobe transform 0) is left alone.
+    assert open_slide(slides_dir / "tiny/dicom-boxes/boxes_0.dcm").color_correction is None
+
+
 def test_tiny_svs_and_its_dicom_conversion_have_identical_pixels(slides_dir: Path) -> None:
     svs = open_slide(slides_dir / "tiny/small.svs")
     assert (svs.dimensions, svs.mpp) == ((16, 16), MppInfo(0.499, "properties"))
@@ -103,15 +124,16 @@ def test_tiny_svs_and_its_dicom_conversion_have_identical_pixels(slides_dir: Pat
     np.testing.assert_array_equal(volume.read_level(0), svs.read_level(0))
 
 
-def test_boxes_tiff_mpp_comes_from_openslide_which_maps_the_resolution_tag(
+def test_generic_tiff_mpp_is_recorded_as_coming_from_the_resolution_tags(
     slides_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     slide = open_slide(slides_dir / "tiny/boxes.tiff")
     properties = slide.properties
-    # OpenSlide turns XResolution=28.35 px/cm into openslide.mpp-x itself, so the source is
-    # "properties"; the value (a 72-dpi placeholder, 352.8 µm/px) equals the tag's.
+    # OpenSlide turns XResolution=28.35 px/cm into openslide.mpp-x itself; the value (a 72-dpi
+    # placeholder, 352.8 µm/px) is the tag's, and so is the source recorded.
     assert properties["tiff.ResolutionUnit"] == "centimeter"
-    assert slide.mpp.source == "properties"
+    assert properties["openslide.vendor"] == "generic-tiff"
+    assert slide.mpp.source == "tiff_resolution"
     assert slide.mpp.mpp == pytest.approx(1e4 / float(properties["tiff.XResolution"]))
     assert slide.level_count == 4
     # Such a placeholder is implausible for a scan, so an override wins over it, with a warning.
@@ -132,6 +154,11 @@ def test_mpp_from_tiff_resolution_when_openslide_reports_none(aperio_without_mpp
     ("properties", "override", "expected"),
     [
         ({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.5"}, None, MppInfo(0.5, "properties")),
+        (
+            {"openslide.mpp-x": "0.5", "openslide.vendor": "generic-tiff"},
+            None,
+            MppInfo(0.5, "tiff_resolution"),
+        ),
         (
             {"tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"},
             None,
@@ -190,6 +217,48 @@ def test_broken_files_raise_slide_open_error_with_a_reason(
     message = str(caught.value)
     assert message.startswith(f"{file_name}: ")
     assert reason in message
+
+
+def test_empty_and_truncated_files_say_so_and_suggest_copying_again(
+    slides_dir: Path, synthetic_slide, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    cmu = (slides_dir / CMU).read_bytes()
+    half_svs = tmp_path / "half.svs"
+    half_svs.write_bytes(cmu[: len(cmu) // 2])
+    built = synthetic_slide.path.read_bytes()
+    short_tiff = tmp_path / "short.tiff"  # the directories survive, the last tiles do not
+    short_tiff.write_bytes(built[:-5000])
+    expected = {
+        empty: "empty file (0 bytes); copy it again",
+        half_svs: f"truncated or corrupt (file ends at byte {len(cmu) // 2}); copy it again",
+        short_tiff: f"truncated or corrupt (file ends at byte {len(built) - 5000}; its tiles run to byte",
+    }
+    for path, phrase in expected.items():
+        with pytest.raises(SlideOpenError) as caught:
+            open_slide(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path.name}: cannot open: ") and phrase in message, message
+        assert "not a whole-slide image format" not in message
+        assert "\n" not in message
+
+
+def test_a_truncated_file_of_a_dicom_series_is_named_when_its_frames_fail(
+    slides_dir: Path, tmp_path: Path
+) -> None:
+    series = tmp_path / "series"
+    shutil.copytree(slides_dir / CMU_DICOM, series)
+    level0 = series / "level-0-frames-0-30.dcm"
+    size = level0.stat().st_size // 2
+    level0.write_bytes(level0.read_bytes()[:size])
+    slide = open_slide(series / "level-3-frames-0-1.dcm")  # the small levels are whole
+    with pytest.raises(SlideOpenError) as caught:
+        slide.read_region((0, 0), 0, (512, 512))
+    assert str(caught.value).endswith(
+        f"level-0-frames-0-30.dcm of the series: truncated or corrupt (file ends at byte {size} "
+        "inside its compressed frames); copy it again"
+    )
 
 
 def test_unreadable_svs_fails_on_read_and_recovers_from_sticky_errors(slides_dir: Path) -> None:

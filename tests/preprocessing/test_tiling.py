@@ -11,7 +11,14 @@ from PIL import Image
 
 from wsi_mil.errors import TilingError
 from wsi_mil.preprocessing.slide import SlideReader, open_slide
-from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, read_tile, tile_grid
+from wsi_mil.preprocessing.tiling import (
+    TileGrid,
+    TilingParams,
+    read_tile,
+    tile_footprint,
+    tile_grid,
+    tissue_coverage,
+)
 from wsi_mil.preprocessing.tissue import TissueMask, TissueParams, segment_tissue
 
 
@@ -130,12 +137,53 @@ def test_params_are_validated() -> None:
             TilingParams(**bad)
 
 
+def test_tissue_at_the_slide_edges_is_tiled_with_padded_edge_tiles(edge_slide, tmp_path: Path) -> None:
+    slide = open_slide(edge_slide.path)
+    mask = segment_tissue(slide, TissueParams())
+    grid = tile_grid(slide, mask, TilingParams())
+    width, height = edge_slide.dimensions  # 3300 x 2900 px: no multiple of the 512-px tile
+    assert (grid.tile_size_level0, grid.read_level, grid.read_size) == (512, 1, 256)
+    right = grid.coords[:, 0] + 512 > width
+    bottom = grid.coords[:, 1] + 512 > height
+    assert right.any() and bottom.any() and grid.padded_tiles == int((right | bottom).sum())
+    assert (grid.coords[:, 0] < width).all() and (grid.coords[:, 1] < height).all()
+    # Kept tiles cover the true tissue and the detected tissue; a grid of whole tiles covered 67 %.
+    truth = edge_slide.tissue
+    covered = tile_footprint(grid.coords, 512, truth.shape, edge_slide.truth_downsample)
+    assert covered[truth].mean() > 0.93
+    assert tissue_coverage(grid, mask) > 0.93
+    # The part of a corner tile outside the slide is the slide's glass colour; inside is tissue.
+    [corner] = np.flatnonzero(right & bottom)
+    x, y = (int(v) for v in grid.coords[corner])
+    inside_w, inside_h = (width - x) // 2, (height - y) // 2  # read at the 2x level
+    tile = read_tile(slide, grid, corner).astype(int)
+    assert np.abs(tile[:, inside_w + 1 :] - grid.pad_rgb).max() <= 1
+    assert np.abs(tile[inside_h + 1 :, :] - grid.pad_rgb).max() <= 1
+    assert tile[: inside_h - 1, : inside_w - 1].std() > 10
+    assert np.abs(np.asarray(grid.pad_rgb) - np.asarray(mask.background_rgb)).max() == 0
+    assert grid.edge_padding() == {"mode": "background", "rgb": list(grid.pad_rgb), "tiles": grid.padded_tiles}
+
+
+def test_a_grid_reaches_each_edge_with_as_few_tiles_as_it_can(slide: SlideReader, mask: TissueMask) -> None:
+    # 4096 x 3072 px, level-0 tiles of 512 with a step of 384: 11 x 8 starts, the last ones
+    # (3840, 2688) overhanging by 256 and 128 px; without overlap 512 divides both sides: no padding.
+    overlapping = tile_grid(slide, mask, TilingParams(overlap_px=64, min_tissue_fraction=0.0))
+    assert len(overlapping) == 11 * 8 and overlapping.padded_tiles == 11 + 8 - 1
+    assert overlapping.coords[:, 0].max() == 10 * 384 and overlapping.coords[:, 1].max() == 7 * 384
+    whole = tile_grid(slide, mask, TilingParams(min_tissue_fraction=0.0))
+    assert whole.padded_tiles == 0
+
+
 def test_real_svs_at_its_own_resolution(slides_dir: Path) -> None:
     slide = open_slide(slides_dir / "tissue/CMU-1-Small-Region.svs")
-    grid = tile_grid(slide, segment_tissue(slide, TissueParams()), TilingParams())
+    mask = segment_tissue(slide, TissueParams())
+    grid = tile_grid(slide, mask, TilingParams())
     # 256 px at 0.5 µm on a 0.499 µm slide: 257 level-0 px, read at level 0 and shrunk to 256.
     assert (grid.tile_size_level0, grid.read_level, grid.read_size) == (257, 0, 257)
     assert 25 < len(grid) < 60  # about a third of 2220x2967 px is tissue: ~33 tiles of 257²
+    # The tissue runs off the bottom edge; whole tiles only covered 88 % of it, padded ones 95 %.
+    assert tissue_coverage(grid, mask) >= 0.95
+    assert grid.padded_tiles > 0
     tile = read_tile(slide, grid, len(grid) // 2)
     assert tile.shape == (256, 256, 3)
     assert tile.std() > 10

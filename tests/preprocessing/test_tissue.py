@@ -11,7 +11,9 @@ import pytest
 
 from wsi_mil.errors import MissingMppError
 from wsi_mil.preprocessing.slide import open_slide
+from wsi_mil.preprocessing.tiling import TilingParams, tile_grid
 from wsi_mil.preprocessing.tissue import (
+    INK_COLOR,
     TissueMask,
     TissueParams,
     segment_tissue,
@@ -185,3 +187,57 @@ def test_geojson_is_a_qupath_annotation_in_level0_pixels(synthetic_slide, synthe
         synthetic_mask.mask.sum() * synthetic_mask.downsample**2, rel=0.03
     )
     assert total == pytest.approx(synthetic_slide.tissue_area(), rel=0.05)
+
+
+def _tiles_and_truth(composite, params: TissueParams | None = None, tiling: TilingParams | None = None):
+    """Tissue mask and tile grid of a composite, and the true ink fraction of each kept tile."""
+    slide = open_slide(composite.path)
+    mask = segment_tissue(slide, params or TissueParams())
+    grid = tile_grid(slide, mask, tiling or TilingParams())
+    return mask, grid, composite.ink_fractions(grid.coords, grid.tile_size_level0)
+
+
+def test_ink_around_the_tissue_is_neither_tissue_nor_tiled(inked_slides) -> None:
+    _, clean_grid, _ = _tiles_and_truth(inked_slides["none"])
+    mask, grid, true_ink = _tiles_and_truth(inked_slides["around"])
+    # The same tiles as without ink: none on ink (before the fix 75 % of 247 tiles lay on ink).
+    assert len(grid) == len(clean_grid) > 40
+    np.testing.assert_array_equal(grid.coords, clean_grid.coords)
+    assert (true_ink == 0).all() and (grid.ink_fractions == 0).all()
+    # The ink is found (grown by its 16-µm rim) and never overlaps the true tissue.
+    composite = inked_slides["around"]
+    detected = TissueMask(mask.ink, mask.downsample, mask.params)
+    truth_ink = TissueMask(composite.ink, composite.truth_downsample, mask.params)
+    assert detected.area_fraction == pytest.approx(truth_ink.area_fraction, rel=0.2)
+    assert not (mask.mask & mask.ink).any()
+    # Switching the ink filter off shows what it prevents.
+    unfiltered, _, unfiltered_ink = _tiles_and_truth(composite, TissueParams(remove_ink=False))
+    assert unfiltered.ink is None or not unfiltered.ink.any()
+    assert (unfiltered_ink >= 0.25).mean() > 0.5
+
+
+def test_ink_over_the_tissue_keeps_the_tissue_between_and_flags_its_tiles(inked_slides) -> None:
+    composite = inked_slides["over"]
+    _, grid, true_ink = _tiles_and_truth(composite)
+    true_tissue = composite.tissue_fractions(grid.coords, grid.tile_size_level0)
+    # Tiles under strokes drawn across the tissue stay (tissue on both sides of the stroke) ...
+    under_ink = (true_ink >= 0.5) & (true_tissue >= 0.5)
+    assert under_ink.sum() >= 5
+    # ... and carry their ink fraction: every tile that is half ink is flagged, clean ones are not.
+    assert (grid.ink_fractions[true_ink >= 0.5] >= 0.25).all()
+    assert (grid.ink_fractions[true_ink == 0] < 0.25).mean() > 0.9
+    assert (true_tissue >= 0.1).all()  # no tile on ink over bare glass
+    # Dropping tiles above an ink fraction keeps only the cleaner ones.
+    _, strict, strict_ink = _tiles_and_truth(composite, tiling=TilingParams(max_ink_fraction=0.25))
+    assert len(strict) < len(grid) and (strict.ink_fractions <= 0.25).all()
+    assert (strict_ink < 0.5).all()
+
+
+def test_geojson_carries_ink_as_its_own_class(inked_slides) -> None:
+    mask = segment_tissue(open_slide(inked_slides["around"].path), TissueParams())
+    features = tissue_geojson(mask, name="inked")["features"]
+    assert [f["properties"]["classification"]["name"] for f in features] == ["Tissue", "Ink"]
+    assert features[1]["properties"]["classification"]["color"] == list(INK_COLOR)
+    ink_polygons = features[1]["geometry"]["coordinates"]
+    ink_area = sum(_polygon_area(p) for p in ink_polygons)
+    assert ink_area == pytest.approx(mask.ink.sum() * mask.downsample**2, rel=0.05)

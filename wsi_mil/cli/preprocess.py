@@ -40,7 +40,10 @@ def preprocess(
     overlap: Annotated[int, typer.Option(help="tile overlap in pixels at the target mpp")] = 0,
     min_tissue: Annotated[float, typer.Option(help="minimum tissue fraction of a kept tile")] = 0.25,
     tissue_mode: Annotated[str, typer.Option(help="brightfield | fluorescence | whole")] = "brightfield",
+    ink: Annotated[bool, typer.Option("--ink/--no-ink", help="find marker ink and keep it out of the tissue")] = True,
+    max_ink: Annotated[float, typer.Option(help="drop tiles with more marker ink than this fraction")] = 1.0,
     slide_mpp: Annotated[float | None, typer.Option(help="mpp for slides whose files carry none")] = None,
+    max_unreadable: Annotated[float, typer.Option(help="share of unreadable tiles left out before a slide fails")] = 0.05,
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
     jobs: Annotated[int, typer.Option(help="slides processed at once (local executor)")] = 1,
     shard: Annotated[str | None, typer.Option(help="i/n: process the i-th of n shards (0-based)")] = None,
@@ -55,13 +58,15 @@ def preprocess(
     """Tissue → tiles at a physical size → features, one HDF5 file per slide in OUT/features/."""
     try:
         config = PreprocessConfig(
-            tissue=TissueParams(mode=tissue_mode),
-            tiling=TilingParams(target_mpp=mpp, tile_px=tile_px, overlap_px=overlap, min_tissue_fraction=min_tissue),
+            tissue=TissueParams(mode=tissue_mode, remove_ink=ink),
+            tiling=TilingParams(target_mpp=mpp, tile_px=tile_px, overlap_px=overlap, min_tissue_fraction=min_tissue,
+                                max_ink_fraction=max_ink),
             encoder=encoder,
             weights=weights,
             precision=precision,
             features_dtype=dtype,
             slide_mpp=slide_mpp,
+            max_unreadable_fraction=max_unreadable,
             batch_size=batch_size,
             num_workers=workers,
             device=device,
@@ -138,6 +143,9 @@ def _print_summary(results: list[SlideResult], out: Path) -> None:
         style = STATUS_STYLE.get(r.status, "")
         table.add_row(r.slide_id, f"[{style}]{r.status}[/{style}]", str(r.tiles), f"{r.seconds:.1f}", mpp, r.reason)
     console.print(table)
+    for r in results:
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow] {r.slide_id}: {warning}")
     counts = {s: sum(r.status == s for r in results) for s in STATUS_STYLE}
     console.print(" ".join(f"{k}: {v}" for k, v in counts.items()) + f"  → features in {out / 'features'}")
 

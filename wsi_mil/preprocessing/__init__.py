@@ -2,7 +2,8 @@
 
 The verbs return in-memory objects; I/O is separate. `preprocess_slide` runs one slide end to end,
 `run_batch` many (resumable, local / shards / Ray), and `read_feature_file` is the one reader the
-rest of the project uses for ours, CLAM's and TRIDENT's feature files and `.pt` bags.
+rest of the project uses for ours, CLAM's and TRIDENT's feature files and `.pt` bags;
+`export_features` writes them back in CLAM's or TRIDENT's layout.
 """
 
 from wsi_mil.preprocessing.batch import SlideTask as SlideTask
@@ -11,6 +12,7 @@ from wsi_mil.preprocessing.batch import read_manifest as read_manifest
 from wsi_mil.preprocessing.batch import run_batch as run_batch
 from wsi_mil.preprocessing.encoders import list_encoders as list_encoders
 from wsi_mil.preprocessing.encoders import load_encoder as load_encoder
+from wsi_mil.preprocessing.export import export_features as export_features
 from wsi_mil.preprocessing.extract import extract_features as extract_features
 from wsi_mil.preprocessing.feature_file import FeatureBag as FeatureBag
 from wsi_mil.preprocessing.feature_file import read_feature_file as read_feature_file

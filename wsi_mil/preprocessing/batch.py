@@ -20,6 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
+from wsi_mil.atomic import atomic_open
 from wsi_mil.errors import FeatureFileError, WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder
 from wsi_mil.preprocessing.feature_file import read_feature_meta
@@ -27,6 +28,7 @@ from wsi_mil.preprocessing.pipeline import (
     OutputPaths,
     PreprocessConfig,
     SlideResult,
+    one_line_reason,
     preprocess_slide,
 )
 from wsi_mil.preprocessing.qc import save_json_atomic
@@ -147,13 +149,14 @@ def is_done(task: SlideTask, out_dir: Path, config: PreprocessConfig) -> SlideRe
         if meta.get("params_hash") == want:
             return SlideResult(task.slide_id, task.slide_path, "skipped", "already done with the same parameters",
                                tiles=int(meta.get("num_tiles", 0) or 0), params_hash=want,
+                               mpp=meta.get("mpp"), mpp_source=meta.get("mpp_source"),
                                feature_path=str(paths.features))
         return None
     if paths.status.exists():
         record = json.loads(paths.status.read_text())
         if record.get("status") == "no_tissue" and record.get("params_hash") == want:
             return SlideResult(task.slide_id, task.slide_path, "skipped", "no tissue (same parameters)",
-                               params_hash=want)
+                               params_hash=want, mpp=record.get("mpp"), mpp_source=record.get("mpp_source"))
     return None
 
 
@@ -255,7 +258,7 @@ def _run_pool(
             try:
                 result = future.result()
             except Exception as err:  # a worker that died (e.g. a crash inside a native reader)
-                result = SlideResult(task.slide_id, task.slide_path, "failed", f"worker crashed: {type(err).__name__}: {err}")
+                result = SlideResult(task.slide_id, task.slide_path, "failed", f"worker crashed: {one_line_reason(err)}")
                 save_json_atomic(result.to_json(), OutputPaths(out, task.slide_id).status)
             results.append(result)
             if on_result:
@@ -293,7 +296,7 @@ def _run_ray(
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # the task's process died
-                result = SlideResult(task.slide_id, task.slide_path, "failed", f"ray task failed: {type(err).__name__}: {err}")
+                result = SlideResult(task.slide_id, task.slide_path, "failed", f"ray task failed: {one_line_reason(err)}")
                 save_json_atomic(result.to_json(), OutputPaths(out, task.slide_id).status)
             results.append(result)
             if on_result:
@@ -307,11 +310,12 @@ def _run_ray(
 def write_summary(results: Sequence[SlideResult], out: Path) -> Path:
     """Write `summary.csv` (one row per slide of this run) atomically; returns its path."""
     path = out / "summary.csv"
-    tmp = path.with_name(f".summary.csv.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["slide_id", "status", "tiles", "seconds", "mpp", "mpp_source", "reason", "slide_path"])
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(
+            ["slide_id", "status", "tiles", "seconds", "mpp", "mpp_source", "reason", "warnings", "slide_path"]
+        )
         for r in results:
-            writer.writerow([r.slide_id, r.status, r.tiles, r.seconds, r.mpp, r.mpp_source, r.reason, r.slide_path])
-    os.replace(tmp, path)
+            writer.writerow([r.slide_id, r.status, r.tiles, r.seconds, r.mpp, r.mpp_source, r.reason,
+                             " | ".join(r.warnings), r.slide_path])
     return path

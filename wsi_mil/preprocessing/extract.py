@@ -16,16 +16,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from wsi_mil.errors import SlideOpenError
 from wsi_mil.preprocessing.encoders import Encoder, EncoderCfg, preprocess_tile, resolve_precision
 from wsi_mil.preprocessing.slide import SlideReader
 from wsi_mil.preprocessing.tiling import TileGrid, read_tile
 
 
-class TileDataset(Dataset[torch.Tensor]):
-    """Tiles of `grid` as uint8 `[3, img_size, img_size]`, resized and cropped for `cfg`.
+class TileDataset(Dataset[tuple[torch.Tensor, str]]):
+    """Tiles of `grid` as `(uint8 [3, img_size, img_size] resized and cropped for cfg, error)`.
 
-    Each process reads through its own `SlideReader`: the creating process uses `slide`, any
-    other process (a DataLoader worker, forked or spawned) opens a private copy on first use.
+    `error` is "" for a tile that was read, else the one-line reason it could not be (its image is
+    then blank): a damaged tile never raises inside a DataLoader worker, whose traceback would
+    become the slide's reason. Each process reads through its own `SlideReader`: the creating
+    process uses `slide`, any other process (a DataLoader worker, forked or spawned) opens a
+    private copy on first use.
     """
 
     def __init__(self, slide: SlideReader, grid: TileGrid, cfg: EncoderCfg) -> None:
@@ -39,9 +43,13 @@ class TileDataset(Dataset[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.grid.coords)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        tile = read_tile(self._reader(), self.grid, index)  # [tile_px, tile_px, 3]
-        return preprocess_tile(tile, self.cfg)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            tile = read_tile(self._reader(), self.grid, index)  # [tile_px, tile_px, 3]
+        except SlideOpenError as err:
+            side = self.grid.tile_px
+            return preprocess_tile(np.zeros((side, side, 3), dtype=np.uint8), self.cfg), str(err)
+        return preprocess_tile(tile, self.cfg), ""
 
     def _reader(self) -> SlideReader:
         pid = os.getpid()
@@ -70,12 +78,15 @@ def extract_features(
     precision: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
     multiprocessing_context: str | None = None,
+    on_unreadable: Callable[[int, str], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(start_row, features float32 [b, D])` for the tiles of `grid`, in order.
 
     `precision="auto"` runs the encoder's GPU precision on CUDA and its measured CPU precision
     on CPU (see `resolve_precision`). `on_batch(done, total)` is called after every batch.
-    Results do not depend on `num_workers`.
+    A tile that cannot be read (damaged data) raises `SlideOpenError` with its one-line reason, or,
+    with `on_unreadable`, is reported as `on_unreadable(row, reason)` and its row holds the features
+    of a blank tile. Results do not depend on `num_workers`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -95,7 +106,12 @@ def extract_features(
         multiprocessing_context=multiprocessing_context if use_workers else None,
     )
     done = 0
-    for images in loader:  # uint8 [b, 3, S, S]
+    for images, errors in loader:  # uint8 [b, 3, S, S], b reasons ("" when read)
+        for offset, error in enumerate(errors):
+            if error and on_unreadable is None:
+                raise SlideOpenError(error)
+            if error:
+                on_unreadable(done + offset, error)
         features = encoder.embed(images, precision=precision).cpu().numpy()  # [b, D]
         yield done, features
         done += len(features)

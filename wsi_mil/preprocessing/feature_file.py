@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pickle
-import secrets
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 
+from wsi_mil.atomic import atomic_path
 from wsi_mil.errors import FeatureFileError
 
 FORMAT_VERSION = 1
@@ -35,6 +35,7 @@ PT_SUFFIXES = (".pt", ".pth")
 MIN_CHUNK_ROWS = 64
 TARGET_CHUNK_BYTES = 2 << 20
 _ERRORS_OF_BROKEN_HDF5 = (OSError, KeyError, RuntimeError, ValueError)
+_RESERVED_DATASETS = frozenset({"features", "coords"})
 
 
 def _package_version(name: str) -> str:
@@ -91,6 +92,9 @@ class FeatureProvenance:
     read_level_downsample: float | None = None
     read_level_dimensions: tuple[int, int] | None = None
     objective_power: float | None = None
+    background_rgb: tuple[int, int, int] | None = None
+    color_correction: str | None = None
+    edge_padding: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.encoder_weights_sha256 == "":
@@ -124,8 +128,9 @@ class FeatureProvenance:
             for f in dataclasses.fields(cls)
             if f.name in attrs or f.name not in required
         }
-        if values.get("read_level_dimensions") is not None:
-            values["read_level_dimensions"] = tuple(values["read_level_dimensions"])
+        for name in ("read_level_dimensions", "background_rgb"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
@@ -144,7 +149,7 @@ def chunk_rows(num_tiles: int, feature_dim: int, itemsize: int) -> int:
     return min(num_tiles, max(MIN_CHUNK_ROWS, TARGET_CHUNK_BYTES // (feature_dim * itemsize)))
 
 
-def _coords_attrs(provenance: FeatureProvenance) -> dict[str, Any]:
+def coords_attributes(provenance: FeatureProvenance) -> dict[str, Any]:
     """CLAM's and TRIDENT's attributes on `coords` (see docs/feature-file-format.md)."""
     attrs: dict[str, Any] = {
         "patch_size": provenance.tile_px,
@@ -173,9 +178,11 @@ def _coords_attrs(provenance: FeatureProvenance) -> dict[str, Any]:
 class FeatureFileWriter:
     """Stream `[b, D]` feature batches into a new feature file that appears atomically.
 
-    Use as a context manager. Rows go to `<path>.tmp-<pid>-<random>` in the same folder; on a
-    clean exit every row must have been written, then the file is closed and renamed into place.
-    On any exception the temporary file is deleted, so no partial file ever has the final name.
+    Use as a context manager. Rows go to a temporary file beside `path` (`wsi_mil.atomic`); on a
+    clean exit every row must have been written or dropped (`drop_rows`: tiles that could not be
+    read), dropped rows are removed from every dataset, and the file is renamed into place. On any
+    exception the temporary file is deleted, so no partial file ever has the final name.
+    `tile_data` holds extra per-tile values `[N]` (e.g. `ink_fraction`), stored as datasets.
     """
 
     def __init__(
@@ -187,6 +194,7 @@ class FeatureFileWriter:
         coords: np.ndarray,
         provenance: FeatureProvenance,
         dtype: FeatureDtype = "float16",
+        tile_data: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.path = Path(path)
         if dtype not in ("float16", "float32"):
@@ -209,20 +217,27 @@ class FeatureFileWriter:
                 f"{self.path.name}: provenance.feature_dim {provenance.feature_dim} != "
                 f"feature_dim {feature_dim}"
             )
+        self.tile_data = {name: np.asarray(values) for name, values in (tile_data or {}).items()}
+        for name, values in self.tile_data.items():
+            if name in _RESERVED_DATASETS or values.shape != (num_tiles,):
+                raise FeatureFileError(
+                    f"{self.path.name}: tile data {name!r} must be a [{num_tiles}] array not named "
+                    f"{' or '.join(sorted(_RESERVED_DATASETS))}, got shape {values.shape}"
+                )
         self.num_tiles = num_tiles
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
         self.coords = coords.astype(np.int64)
         self.provenance = provenance
-        self.temp_path = self.path.with_name(
-            f"{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        )
+        self.temp_path: Path | None = None
+        self._exit_stack = contextlib.ExitStack()
         self._file: h5py.File | None = None
         self._features: h5py.Dataset | None = None
         self._written = np.zeros(num_tiles, dtype=bool)
+        self._dropped = np.zeros(num_tiles, dtype=bool)
 
     def __enter__(self) -> FeatureFileWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp_path = self._exit_stack.enter_context(atomic_path(self.path))
         rows = chunk_rows(self.num_tiles, self.feature_dim, self.dtype.itemsize)
         chunk_bytes = max(rows, 1) * self.feature_dim * self.dtype.itemsize
         try:
@@ -230,17 +245,16 @@ class FeatureFileWriter:
             self._features = self._file.create_dataset(
                 "features",
                 shape=(self.num_tiles, self.feature_dim),
+                maxshape=(None, self.feature_dim),  # so that dropped rows can be cut off
                 dtype=self.dtype,
-                chunks=(rows, self.feature_dim) if rows > 0 else None,
+                chunks=(max(rows, 1), self.feature_dim),
             )
             self._features.attrs["name"] = self.provenance.slide_id
             self._features.attrs["encoder"] = self.provenance.encoder
-            coords = self._file.create_dataset("coords", data=self.coords, dtype=np.int64)
-            coords.attrs.update(_coords_attrs(self.provenance))
             self._file.attrs.update(self.provenance.to_attrs())
             self._file.attrs["wsi_mil_format_version"] = FORMAT_VERSION
         except (OSError, ValueError, TypeError) as err:
-            self._discard()
+            self._discard(err)
             raise FeatureFileError(
                 f"{self.path.name}: cannot create the feature file: {err}"
             ) from err
@@ -273,6 +287,11 @@ class FeatureFileWriter:
         self._features[start_row:stop] = stored
         self._written[start_row:stop] = True
 
+    def drop_rows(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Leave these rows (tiles that could not be read) out of the file; whatever was written
+        for them is discarded."""
+        self._dropped[np.asarray(rows, dtype=np.int64)] = True
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -280,33 +299,55 @@ class FeatureFileWriter:
         traceback: types.TracebackType | None,
     ) -> None:
         if exc_type is not None:
-            self._discard()
+            self._discard(exc)
             return
-        missing = int(self.num_tiles - self._written.sum())
-        if missing:
-            self._discard()
-            first = int(np.flatnonzero(~self._written)[0])
-            raise FeatureFileError(
-                f"{self.path.name}: {missing} of {self.num_tiles} rows were never written "
-                f"(first: {first}); the file was not created"
+        missing = ~self._written & ~self._dropped
+        if missing.any():
+            first = int(np.flatnonzero(missing)[0])
+            error = FeatureFileError(
+                f"{self.path.name}: {int(missing.sum())} of {self.num_tiles} rows were never "
+                f"written (first: {first}); the file was not created"
             )
-        handle, self._file, self._features = self._file, None, None
+            self._discard(error)
+            raise error
         try:
+            self._finish()
+            handle, self._file, self._features = self._file, None, None
             if handle is not None:
-                handle.flush()
                 handle.close()
-            os.replace(self.temp_path, self.path)
-        except OSError as err:
-            self._discard()
+            self._exit_stack.close()  # fsync and rename into place (the temporary goes on failure)
+        except (OSError, ValueError) as err:
+            self._discard(err)
             raise FeatureFileError(f"{self.path.name}: could not finish the file: {err}") from err
 
-    def _discard(self) -> None:
+    def _finish(self) -> None:
+        """Cut dropped rows out of `features` (moving kept rows up, chunk by chunk) and write
+        `coords` and the tile data for the kept rows."""
+        assert self._file is not None and self._features is not None
+        keep = ~self._dropped
+        if self._dropped.any():
+            step = self._features.chunks[0]
+            kept = 0
+            for start in range(0, self.num_tiles, step):
+                block_keep = keep[start : start + step]
+                rows = self._features[start : start + step][block_keep]
+                self._features[kept : kept + len(rows)] = rows
+                kept += len(rows)
+            self._features.resize((kept, self.feature_dim))
+        coords = self._file.create_dataset("coords", data=self.coords[keep], dtype=np.int64)
+        coords.attrs.update(coords_attributes(self.provenance))
+        for name, values in self.tile_data.items():
+            self._file.create_dataset(name, data=values[keep])
+        self._file.flush()
+
+    def _discard(self, error: BaseException) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError, RuntimeError, ValueError):
                 self._file.close()
             self._file = None
         self._features = None
-        self.temp_path.unlink(missing_ok=True)
+        # Unwinding `atomic_path` with the error deletes the temporary file (a no-op once closed).
+        self._exit_stack.__exit__(type(error), error, error.__traceback__)
 
 
 def write_feature_file(
@@ -339,7 +380,8 @@ class FeatureBag:
 
     `coords` are level-0 top-left pixels (`None` when the file has none or they cannot be put in
     level-0 pixels; `notes` then says why). `attrs` merges the file's attributes, JSON decoded:
-    those on `coords`, then `features`, then the root group (which wins).
+    those on `coords`, then `features`, then the root group (which wins). `tile_data` holds the
+    file's other per-tile datasets `[N]` by name, e.g. `ink_fraction` (absent in older files).
     """
 
     features: np.ndarray
@@ -349,6 +391,7 @@ class FeatureBag:
     source_format: SourceFormat
     path: Path
     notes: list[str] = field(default_factory=list)
+    tile_data: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def encoder(self) -> str | None:
@@ -474,6 +517,13 @@ def _load_h5(path: Path, slide_mpp: float | None) -> tuple[FeatureBag | None, li
             attrs.update(_attrs_of(handle))
             features = np.asarray(features_ds[()])
             coords = np.asarray(handle["coords"][()]) if "coords" in handle else None
+            tile_data = {
+                name: np.asarray(item[()])
+                for name, item in handle.items()
+                if name not in (features_key, "coords")
+                and isinstance(item, h5py.Dataset)
+                and item.shape == features.shape[:1]
+            }
     except _ERRORS_OF_BROKEN_HDF5 as err:
         return None, [f"{name}: not a readable HDF5 feature file (truncated or corrupt?): {err}"]
     problems: list[str] = []
@@ -499,6 +549,7 @@ def _load_h5(path: Path, slide_mpp: float | None) -> tuple[FeatureBag | None, li
         source_format=source,
         path=path,
         notes=notes,
+        tile_data=tile_data,
     )
     return bag, problems
 
@@ -517,23 +568,52 @@ def _wsi_mil_attr_problems(name: str, attrs: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled numeric numpy array needs from the unpickler: the array and dtype
+    constructors (`_reconstruct` under numpy 2's module name and numpy 1's), and nothing else."""
+    reconstruct = np._core.multiarray._reconstruct
+    dtype_classes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64")]
+    return [np.ndarray, np.dtype, *dtype_classes, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def _unpickling_cause(err: BaseException) -> str:
+    """The useful part of torch's weights-only error (what it refused), on one line."""
+    text = str(err).split("Check the documentation")[0]
+    for marker in ("WeightsUnpickler error:", "from a trusted source."):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    return " ".join(text.split())[:300]
+
+
+def _as_tensor(value: Any) -> Any:
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
 def _load_pt(path: Path) -> tuple[FeatureBag | None, list[str]]:
+    """A `.pt` bag: a tensor or a numpy array (TRIDENT pickles one), or a dict of them.
+
+    Loaded with `weights_only=True` and only the numpy array constructors allowed, so a user's
+    file can never run code while it is read.
+    """
     name = path.name
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        return None, [f"{name}: not a readable torch file of tensors: {err}"]
+        cause = _unpickling_cause(err)
+        return None, [f"{name}: not a torch file of tensors or numpy arrays that loads safely: {cause}"]
     attrs: dict[str, Any] = {}
     coords_tensor = None
     if isinstance(loaded, dict):
         key = next((k for k in ("features", "feats") if k in loaded), None)
         if key is None:
             return None, [f"{name}: a dict without `features` or `feats`; keys: {sorted(loaded)}"]
-        features_tensor = loaded[key]
-        coords_tensor = loaded.get("coords")
+        features_tensor = _as_tensor(loaded[key])
+        coords_tensor = _as_tensor(loaded.get("coords"))
         attrs = {k: v for k, v in loaded.items() if isinstance(v, str | int | float | bool)}
     else:
-        features_tensor = loaded
+        features_tensor = _as_tensor(loaded)
     if not isinstance(features_tensor, torch.Tensor) or (
         coords_tensor is not None and not isinstance(coords_tensor, torch.Tensor)
     ):

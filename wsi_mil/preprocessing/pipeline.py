@@ -6,6 +6,7 @@ features of the same tiles are identical whichever way a slide is processed.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import timm
@@ -23,18 +24,27 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_mil import __version__
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import SlideOpenError, WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder, resolve_precision
 from wsi_mil.preprocessing.extract import extract_features
 from wsi_mil.preprocessing.feature_file import FeatureFileWriter, FeatureProvenance
-from wsi_mil.preprocessing.qc import render_qc_thumbnail, save_json_atomic, save_png_atomic
+from wsi_mil.preprocessing.qc import (
+    background_warning,
+    render_qc_thumbnail,
+    save_json_atomic,
+    save_png_atomic,
+)
 from wsi_mil.preprocessing.slide import SlideReader, open_slide, quick_hash
-from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, tile_grid
+from wsi_mil.preprocessing.tiling import TileGrid, TilingParams, tile_grid, tissue_coverage
 from wsi_mil.preprocessing.tissue import TissueMask, TissueParams, segment_tissue, tissue_geojson
 
 log = logging.getLogger(__name__)
 
 SlideStatus = Literal["done", "failed", "no_tissue", "skipped"]
+# A kept tile at least this much under marker ink is counted (and warned about) in the QC.
+INKED_TILE_FRACTION = 0.25
+# Status files list the coordinates of at most this many unreadable tiles.
+MAX_UNREADABLE_LISTED = 100
 
 
 class PreprocessConfig(BaseModel):
@@ -49,6 +59,9 @@ class PreprocessConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     features_dtype: Literal["float16", "float32"] = "float16"
     slide_mpp: float | None = Field(default=None, description="mpp for slides whose files carry none")
+    max_unreadable_fraction: float = Field(
+        0.05, ge=0, le=1, description="tiles that cannot be read are left out up to this share; above, the slide fails"
+    )
     # runtime only: not part of the parameter hash
     batch_size: int = 64
     num_workers: int = 2
@@ -65,6 +78,7 @@ class PreprocessConfig(BaseModel):
             "precision": self.precision,
             "features_dtype": self.features_dtype,
             "slide_mpp_override": slide_mpp_override,
+            "max_unreadable_fraction": self.max_unreadable_fraction,
         }
 
     def params_hash(self, slide_mpp_override: float | None = None) -> str:
@@ -105,15 +119,23 @@ class OutputPaths:
             p.parent.mkdir(parents=True, exist_ok=True)
 
     def remove_stale_temporaries(self) -> None:
-        """Delete temporary files a killed run left for this slide (never under a final name)."""
-        for folder in {self.features.parent, self.mask.parent, self.qc.parent, self.status.parent}:
-            for tmp in folder.glob(f"*{self.slide_id}*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+        """Delete temporary files a killed run left for this slide's outputs (never a final name).
+
+        `wsi_mil.atomic` names them `.<final name>.<hex>.tmp`; older versions used `<final name>.tmp-*`.
+        """
+        for final in (self.features, self.mask, self.geojson, self.qc, self.status):
+            for pattern in (f".{glob.escape(final.name)}.*.tmp", f"{glob.escape(final.name)}.tmp-*"):
+                for tmp in final.parent.glob(pattern):
+                    tmp.unlink(missing_ok=True)
 
 
 @dataclass
 class SlideResult:
-    """The status record of one slide (written as JSON to `status/<slide_id>.json`)."""
+    """The status record of one slide (written as JSON to `status/<slide_id>.json`).
+
+    `warnings` are one-line notes that need a look (also drawn on the QC image); `qc` holds the
+    measured facts behind them (background colour, colour correction, ...).
+    """
 
     slide_id: str
     slide_path: str
@@ -127,6 +149,8 @@ class SlideResult:
     feature_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     finished_utc: str = ""
+    warnings: list[str] = field(default_factory=list)
+    qc: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -158,14 +182,59 @@ def preprocess_slide(
     try:
         _run_slide(slide_path, paths, config, result, override, encoder, on_tiles)
     except WsiMilError as err:
-        result.status, result.reason = "failed", str(err)
+        result.status, result.reason = "failed", one_line_reason(err)
     except Exception as err:  # a broken slide must fail alone, with its reason, not stop a batch
         log.exception("unexpected error on slide %s", slide_id)
-        result.status, result.reason = "failed", f"{type(err).__name__}: {err}"
+        result.status, result.reason = "failed", one_line_reason(err)
     result.seconds = round(time.perf_counter() - started, 3)
     result.finished_utc = datetime.now(UTC).isoformat(timespec="seconds")
     save_json_atomic(result.to_json(), paths.status)
     return result
+
+
+def one_line_reason(err: BaseException) -> str:
+    """An exception as the one-line reason a status record and summary.csv hold.
+
+    A DataLoader worker's error arrives as "Caught X in DataLoader worker process 0. Original
+    Traceback ..."; the reason is then its last line, the original "X: message". Other messages are
+    joined onto one line; errors that are not wsi_mil's own keep their type name in front.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1]
+    message = " ".join(lines) or type(err).__name__
+    return message if isinstance(err, WsiMilError) else f"{type(err).__name__}: {message}"
+
+
+class _UnreadableTiles:
+    """Collects tiles that could not be read, in `result.qc`; fails the slide once there are too many."""
+
+    def __init__(self, slide: SlideReader, grid: TileGrid, max_fraction: float, result: SlideResult) -> None:
+        self.slide_name = slide.name
+        self.grid = grid
+        self.max_fraction = max_fraction
+        self.result = result
+        self.rows: list[int] = []
+        self.first_cause = ""
+
+    def __call__(self, row: int, reason: str) -> None:
+        self.rows.append(row)
+        self.first_cause = self.first_cause or reason.removeprefix(f"{self.slide_name}: ")
+        self.result.qc["unreadable_tiles"] = len(self.rows)
+        coords = self.grid.coords[self.rows[:MAX_UNREADABLE_LISTED]]
+        self.result.qc["unreadable_coords"] = coords.tolist()
+        if len(self.rows) > self.max_fraction * len(self.grid):
+            raise SlideOpenError(
+                f"{self.slide_name}: more than {self.max_fraction:.0%} of its {len(self.grid)} tiles "
+                f"cannot be read ({len(self.rows)} so far; first: {self.first_cause}); "
+                "see unreadable_coords in its status file"
+            )
+
+    def warning(self) -> str:
+        return (
+            f"{len(self.rows)} of {len(self.grid)} tiles could not be read and were left out "
+            f"(first: {self.first_cause}; where: unreadable_coords)"
+        )
 
 
 def _run_slide(
@@ -184,7 +253,8 @@ def _run_slide(
         mask = segment_tissue(slide, config.tissue)
         grid = tile_grid(slide, mask, config.tiling)
         result.timings["tissue_and_tiling_s"] = round(time.perf_counter() - clock, 3)
-        _write_tissue_outputs(slide, mask, grid, paths, config)
+        _check_quality(slide, mask, grid, result)
+        _write_tissue_outputs(slide, mask, grid, paths, config, result.warnings)
         result.tiles = len(grid)
         if len(grid) == 0:
             result.status = "no_tissue"
@@ -205,7 +275,9 @@ def _run_slide(
             coords=grid.coords,
             provenance=provenance,
             dtype=config.features_dtype,
+            tile_data={"ink_fraction": grid.ink_fractions},
         ) as writer:
+            unreadable = _UnreadableTiles(slide, grid, config.max_unreadable_fraction, result)
             done = 0
             for start, feats in extract_features(
                 slide,
@@ -214,21 +286,53 @@ def _run_slide(
                 batch_size=config.batch_size,
                 num_workers=config.num_workers,
                 precision=config.precision,
+                on_unreadable=unreadable,
             ):
                 writer.write(start, feats)
                 done += len(feats)
                 if on_tiles is not None:
                     on_tiles(done, len(grid))
+            writer.drop_rows(unreadable.rows)
+        if unreadable.rows:
+            result.tiles = len(grid) - len(unreadable.rows)
+            result.warnings.append(unreadable.warning())
         result.timings["features_s"] = round(time.perf_counter() - clock, 3)
         result.status, result.feature_path = "done", str(paths.features)
 
 
+def _check_quality(slide: SlideReader, mask: TissueMask, grid: TileGrid, result: SlideResult) -> None:
+    """Record the slide's QC facts in `result.qc` and add a warning for each one that is off."""
+    result.qc["background_rgb"] = list(mask.background_rgb) if mask.background_rgb else None
+    result.qc["color_correction"] = slide.color_correction
+    result.qc["tissue_coverage"] = round(tissue_coverage(grid, mask), 4)
+    result.qc["padded_edge_tiles"] = grid.padded_tiles
+    result.qc["ink_area_fraction"] = round(mask.ink_area_fraction, 4)
+    inked = int((grid.ink_fractions >= INKED_TILE_FRACTION).sum()) if grid.ink_fractions is not None else 0
+    result.qc["inked_tiles"] = inked
+    warnings = [background_warning(mask)]
+    if inked:
+        warnings.append(
+            f"marker ink covers at least {INKED_TILE_FRACTION:.0%} of {inked} of {len(grid)} kept tiles "
+            "(ink_fraction in the feature file; --max-ink drops such tiles)"
+        )
+    for warning in warnings:
+        if warning is not None:
+            log.warning("%s: %s", result.slide_id, warning)
+            result.warnings.append(warning)
+
+
 def _write_tissue_outputs(
-    slide: SlideReader, mask: TissueMask, grid: TileGrid, paths: OutputPaths, config: PreprocessConfig
+    slide: SlideReader,
+    mask: TissueMask,
+    grid: TileGrid,
+    paths: OutputPaths,
+    config: PreprocessConfig,
+    warnings: list[str],
 ) -> None:
     save_png_atomic(Image.fromarray((mask.mask * 255).astype(np.uint8)), paths.mask)
     save_json_atomic(tissue_geojson(mask, name=paths.slide_id), paths.geojson)
-    save_png_atomic(render_qc_thumbnail(slide, mask, grid, max_size=config.qc_max_size), paths.qc)
+    thumbnail = render_qc_thumbnail(slide, mask, grid, max_size=config.qc_max_size, warnings=warnings)
+    save_png_atomic(thumbnail, paths.qc)
 
 
 def _provenance(
@@ -271,7 +375,10 @@ def _provenance(
         precision=resolve_precision(config.precision, encoder.cfg, encoder.device),
         transform=encoder.transform_info(),
         tissue={"method": "classical", **config.tissue.model_dump(), "area_fraction": mask.area_fraction},
+        background_rgb=mask.background_rgb,
+        color_correction=slide.color_correction,
         tiling=config.tiling.model_dump(),
+        edge_padding=grid.edge_padding(),
         params_hash=params_hash,
         timm_version=timm.__version__,
         torch_version=torch.__version__,

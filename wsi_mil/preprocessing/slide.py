@@ -7,8 +7,11 @@ Every OpenSlide or Pillow failure leaves this module as `SlideOpenError` naming 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
+import re
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import openslide
+import tifffile
 from PIL import Image
 
 from wsi_mil.errors import MissingMppError, SlideOpenError
@@ -37,9 +41,21 @@ LEVEL_DOWNSAMPLE_TOLERANCE = 1.01
 # Whole-slide resampling reads the source level in bands of about this many pixels.
 _BAND_PIXELS = 16 * 1024 * 1024
 _HASH_CHUNK = 1024 * 1024
-_WHITE = (255, 255, 255, 255)
+_WHITE = (255, 255, 255)
 _RESOLUTION_UNIT_UM = {"centimeter": 1e4, "inch": 25.4e3}
 _OPENSLIDE_FAILURES = (openslide.OpenSlideError, OSError)
+_NOT_CHECKED = object()
+# JPEG baseline and extended: the transfer syntaxes whose frames may carry a JFIF (YCbCr) marker.
+_DICOM_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+_DICOM_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_DICOM_FRAME_SEARCH_BYTES = 8 << 20  # the header and offset tables come before the first frame
+_JPEG_HEADER_BYTES = 64 << 10
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Encapsulated pixel data ends with a Sequence Delimitation Item (FFFE,E0DD) of length 0.
+_DICOM_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_DICOM_NATIVE_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+)
 
 
 @dataclass(frozen=True)
@@ -104,8 +120,9 @@ def resolve_mpp(
 ) -> MppInfo:
     """The slide's microns per level-0 pixel, from its metadata first and the override as fallback.
 
-    Order: OpenSlide's `openslide.mpp-x`/`-y`, then the TIFF resolution tags (`tiff.XResolution` +
-    `tiff.ResolutionUnit` in centimeter or inch, which OpenSlide exposes for every TIFF-based format),
+    Order: OpenSlide's `openslide.mpp-x`/`-y` (source `tiff_resolution` for a generic TIFF, where
+    OpenSlide computes it from the resolution tags), then the TIFF resolution tags (`tiff.XResolution`
+    + `tiff.ResolutionUnit` in centimeter or inch, which OpenSlide exposes for every TIFF-based format),
     then `override` (the manifest column `mpp` or `--slide-mpp`). The override is a fallback: when the
     slide has its own mpp and the override differs from it by more than 5 %, the slide's value is kept
     and a warning names both. One exception: a metadata value outside `PLAUSIBLE_MPP_RANGE` (a 72-dpi
@@ -117,8 +134,14 @@ def resolve_mpp(
             f"{slide_name}: mpp override {override!r} is not a positive number; "
             "set the manifest column `mpp` or pass `--slide-mpp` with a value in µm/px"
         )
+    # OpenSlide derives a generic TIFF's openslide.mpp-x from its resolution tags, so for that
+    # format the value's real source is the tags.
+    generic_tiff = properties.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff"
     candidates: list[tuple[float | None, MppSource]] = [
-        (_mpp_from_properties(properties, slide_name=slide_name), "properties"),
+        (
+            _mpp_from_properties(properties, slide_name=slide_name),
+            "tiff_resolution" if generic_tiff else "properties",
+        ),
         (_mpp_from_tiff_resolution(properties, slide_name=slide_name), "tiff_resolution"),
     ]
     for mpp, source in candidates:
@@ -163,10 +186,138 @@ def resolve_mpp(
 
 def _describe_failure(err: BaseException) -> str:
     """A short cause for an OpenSlide/Pillow exception, e.g. 'corrupt image data: Bogus marker length'."""
-    message = str(err).strip() or type(err).__name__
+    message = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, openslide.OpenSlideUnsupportedFormatError):
         return f"not a whole-slide image format OpenSlide supports ({message})"
     return message
+
+
+class _LogRecords(logging.Handler):
+    """Collects the records a library logs while it is attached (tifffile reports damage this way)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _tiff_damage(path: Path, size: int) -> str | None:
+    """Why a TIFF's structure does not fit in its `size` bytes (an IFD or tile beyond the end), or None."""
+    tifffile_log = logging.getLogger("tifffile")
+    collector = _LogRecords()
+    tifffile_log.addHandler(collector)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data_end = max(
+                (int(np.max(np.add(page.dataoffsets, page.databytecounts))) for page in tif.pages
+                 if len(page.dataoffsets)),
+                default=0,
+            )
+            pages = len(tif.pages)
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error):
+        return f"file ends at byte {size}"
+    finally:
+        tifffile_log.removeHandler(collector)
+    if data_end > size:
+        return f"file ends at byte {size}; its tiles run to byte {data_end}"
+    if pages == 0 or collector.records:
+        return f"file ends at byte {size}"
+    return None
+
+
+def _dicom_damage(path: Path, size: int) -> str | None:
+    """Why an encapsulated (compressed) DICOM file looks cut short: it lacks the closing delimiter."""
+    with path.open("rb") as stream:
+        meta = stream.read(4096)
+        stream.seek(max(0, size - len(_DICOM_SEQUENCE_DELIMITER)))
+        tail = stream.read()
+    syntax = re.search(rb"\x02\x00\x10\x00UI(..)", meta, flags=re.DOTALL)
+    if syntax is None:
+        return None
+    length = int.from_bytes(syntax.group(1), "little")
+    uid = meta[syntax.end() : syntax.end() + length].rstrip(b"\x00 ").decode("ascii", "replace")
+    if uid in _DICOM_NATIVE_SYNTAXES or tail == _DICOM_SEQUENCE_DELIMITER:
+        return None
+    return f"file ends at byte {size} inside its compressed frames"
+
+
+def diagnose_damaged_file(path: str | Path) -> str | None:
+    """Why a slide file looks damaged in transfer, as a short phrase, or None when it does not.
+
+    An empty file; a TIFF (SVS, NDPI, generic) whose directories or tiles lie beyond its end; a
+    compressed DICOM without the delimiter that closes its frames (a DICOM slide is checked together
+    with the other `.dcm` files of its folder, which OpenSlide reads as one series).
+    """
+    path = Path(path)
+    candidates = [path]
+    if path.suffix.lower() == ".dcm":
+        candidates += sorted(p for p in path.parent.glob("*.dcm") if p != path)
+    for candidate in candidates:
+        try:
+            size = candidate.stat().st_size
+            with candidate.open("rb") as stream:
+                head = stream.read(132)
+        except OSError:
+            continue
+        prefix = "" if candidate == path else f"{candidate.name} of the series: "
+        if size == 0:
+            return f"{prefix}empty file (0 bytes); copy it again"
+        damage = None
+        if head[:4] in _TIFF_MAGIC:
+            damage = _tiff_damage(candidate, size)
+        elif head[128:132] == b"DICM":
+            damage = _dicom_damage(candidate, size)
+        if damage is not None:
+            return f"{prefix}truncated or corrupt ({damage}); copy it again"
+    return None
+
+
+def _jpeg_decodes_from_ycbcr(header: bytes) -> bool | None:
+    """Whether libjpeg decodes this 3-component JPEG from YCbCr, by its own rules; None if unreadable.
+
+    A JFIF marker means YCbCr; else an Adobe marker decides (transform 0 is RGB); else component ids
+    'R', 'G', 'B' mean RGB and anything else YCbCr.
+    """
+    try:
+        with Image.open(io.BytesIO(header)) as image:
+            info, layers = image.info, [layer[0] for layer in getattr(image, "layer", [])]
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if len(layers) != 3:
+        return None
+    if "jfif" in info:
+        return True
+    if "adobe" in info:
+        return info.get("adobe_transform") != 0
+    return layers != [ord("R"), ord("G"), ord("B")]
+
+
+def dicom_frames_are_ycbcr_labelled_rgb(path: str | Path, properties: Mapping[str, str]) -> bool:
+    """True when a DICOM says PhotometricInterpretation RGB but its JPEG frames are YCbCr (JFIF).
+
+    OpenSlide 4.0.1 trusts the header and skips the YCbCr-to-RGB conversion, so such a slide reads
+    with salmon glass and teal tissue. Only the first frame of `path` is looked at (a series is
+    written by one converter).
+    """
+    if properties.get(openslide.PROPERTY_NAME_VENDOR) != "dicom":
+        return False
+    if properties.get("dicom.PhotometricInterpretation") != "RGB":
+        return False
+    if properties.get("dicom.TransferSyntaxUID") not in _DICOM_JPEG_SYNTAXES:
+        return False
+    try:
+        with Path(path).open("rb") as stream:
+            head = stream.read(_DICOM_FRAME_SEARCH_BYTES)
+    except OSError:
+        return False
+    pixel_data = head.find(_DICOM_PIXEL_DATA_TAG)
+    start = head.find(b"\xff\xd8\xff", pixel_data) if pixel_data >= 0 else -1
+    if start < 0:
+        logger.warning("%s: no JPEG frame found to check its colour space", Path(path).name)
+        return False
+    return bool(_jpeg_decodes_from_ycbcr(head[start : start + _JPEG_HEADER_BYTES]))
 
 
 class SlideReader:
@@ -185,6 +336,8 @@ class SlideReader:
         self._level_dimensions: tuple[tuple[int, int], ...] = ()
         self._level_downsamples: tuple[float, ...] = ()
         self._mpp_info: MppInfo | None = None
+        self._damage_cause: str | object | None = _NOT_CHECKED
+        self._ycbcr_labelled_rgb: bool | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -204,12 +357,13 @@ class SlideReader:
                 level_dimensions = tuple(handle.level_dimensions)
                 level_downsamples = tuple(handle.level_downsamples)
             except _OPENSLIDE_FAILURES as err:
-                raise SlideOpenError(
-                    f"{self._path.name}: cannot open: {_describe_failure(err)}"
-                ) from err
+                cause = self._damage() or _describe_failure(err)
+                raise SlideOpenError(f"{self._path.name}: cannot open: {cause}") from err
             self._properties = properties
             self._level_dimensions = level_dimensions
             self._level_downsamples = level_downsamples
+            if self._ycbcr_labelled_rgb is None:
+                self._ycbcr_labelled_rgb = dicom_frames_are_ycbcr_labelled_rgb(self._path, properties)
             self._handle = handle
             return handle
 
@@ -222,10 +376,18 @@ class SlideReader:
         with self._lock:
             if self._handle is handle:
                 self._handle = None
-        cause = _describe_failure(err)
-        if isinstance(err, openslide.OpenSlideError):
-            cause = f"corrupt image data: {cause}"
+        cause = self._damage()
+        if cause is None:
+            cause = _describe_failure(err)
+            if isinstance(err, openslide.OpenSlideError):
+                cause = f"corrupt image data: {cause}"
         return SlideOpenError(f"{self._path.name}: {action} failed: {cause}")
+
+    def _damage(self) -> str | None:
+        """`diagnose_damaged_file` of this slide, worked out once, on the first failure."""
+        if self._damage_cause is _NOT_CHECKED:
+            self._damage_cause = diagnose_damaged_file(self._path)
+        return self._damage_cause  # type: ignore[return-value]
 
     def close(self) -> None:
         """Release the OpenSlide handle (it is reopened on next use)."""
@@ -297,6 +459,14 @@ class SlideReader:
         return vendor or openslide.OpenSlide.detect_format(self._path) or "unknown"
 
     @property
+    def color_correction(self) -> str | None:
+        """What the reader corrects in OpenSlide's colours, in words (recorded with the features)."""
+        self._open()
+        if self._ycbcr_labelled_rgb:
+            return "ycbcr_to_rgb: the DICOM header says RGB but its JPEG frames are YCbCr (JFIF)"
+        return None
+
+    @property
     def mpp(self) -> MppInfo:
         """Microns per level-0 pixel, resolved once by `resolve_mpp`; raises `MissingMppError`."""
         if self._mpp_info is None:
@@ -323,9 +493,18 @@ class SlideReader:
     # -- pixels ----------------------------------------------------------------------------------
 
     def read_region_image(
-        self, location: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        *,
+        background: tuple[int, int, int] = _WHITE,
     ) -> Image.Image:
-        """An RGB Pillow image of `size` px at `level` from level-0 `location`, alpha on white."""
+        """An RGB Pillow image of `size` px at `level` from level-0 `location`.
+
+        Transparent pixels (outside the slide or its scanned area) take the `background` colour.
+        Frames that OpenSlide decodes in the wrong colour space are converted (`color_correction`).
+        """
         width, height = size
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {size}")
@@ -336,7 +515,9 @@ class SlideReader:
             rgba = handle.read_region((int(location[0]), int(location[1])), level, (width, height))
         except _OPENSLIDE_FAILURES as err:
             raise self._fail(err, f"reading level {level} at {tuple(location)}", handle) from err
-        return _composite_on_white(rgba)
+        if self._ycbcr_labelled_rgb:
+            rgba = _ycbcr_to_rgb(rgba)
+        return _composite_on(rgba, background)
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -409,14 +590,23 @@ def _unpickle_reader(path: Path, mpp_override: float | None) -> SlideReader:
     return SlideReader(path, mpp_override=mpp_override)
 
 
-def _composite_on_white(rgba: Image.Image) -> Image.Image:
-    """RGB image of an (unpremultiplied) RGBA region laid over white."""
+def _composite_on(rgba: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """RGB image of an (unpremultiplied) RGBA region laid over a plain `color`."""
     if rgba.mode != "RGBA":
         return rgba.convert("RGB")
     if rgba.getchannel("A").getextrema() == (255, 255):
         return rgba.convert("RGB")
-    background = Image.new("RGBA", rgba.size, _WHITE)
+    background = Image.new("RGBA", rgba.size, (*color, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _ycbcr_to_rgb(rgba: Image.Image) -> Image.Image:
+    """RGBA whose RGB channels actually hold JFIF YCbCr, converted to RGB (alpha kept)."""
+    channels = rgba.split()
+    rgb = Image.merge("YCbCr", channels[:3]).convert("RGB")
+    if len(channels) == 4:
+        rgb.putalpha(channels[3])
+    return rgb
 
 
 def open_slide(path: str | Path, *, mpp_override: float | None = None) -> SlideReader:
