@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from wsi_mil import __version__
 from wsi_mil.errors import FeatureContractError, RunFolderError
@@ -25,7 +24,7 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, bag_factory):
+def trained(tmp_path_factory, bag_factory, one_torch_thread):
     """One finished 2-fold run on a 40-slide cohort (shared by the read-only tests below)."""
     root = tmp_path_factory.mktemp("trained")
     bags = bag_factory(40, seed=11)
@@ -36,12 +35,8 @@ def trained(tmp_path_factory, bag_factory):
         model_kwargs={"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0}, folds=2, epochs=6, lr=5e-3,
         bootstrap_samples=50, top_k_tiles=3, device="cpu",
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         metrics = train_cohort(config, root / "run")
-    finally:
-        torch.set_num_threads(threads)
     return root, config, metrics
 
 
