@@ -41,6 +41,8 @@ instances. `maps["head_attention"]` `[B, heads, N]` holds the per-head maps.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -305,25 +307,6 @@ class TransMIL(MILModel):
 
 
 @register_model
-def transmil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    num_heads: int = 8,
-    num_landmarks: int = 256,
-    pinv_iterations: int = 6,
-    residual_kernel: int = 33,
-    dropout: float = 0.1,
-) -> TransMIL:
+def transmil(in_dim: int, num_classes: int, **options: Any) -> TransMIL:
     """TransMIL: Nyström transformer (2 layers, 8 heads, 256 landmarks) with PPEG; order-dependent."""
-    return TransMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        num_heads=num_heads,
-        num_landmarks=num_landmarks,
-        pinv_iterations=pinv_iterations,
-        residual_kernel=residual_kernel,
-        dropout=dropout,
-    )
+    return TransMIL(in_dim, num_classes, **options)
