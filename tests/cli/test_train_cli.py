@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from wsi_mil.cli import _register_commands, app
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
-from wsi_mil.training.methods.base import Bag
 
 runner = CliRunner()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods.base import Bag
 
 #: a small ABMIL, fast on CPU
 SMALL_ABMIL = {"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0, "attention_dropout": 0.0}

@@ -11,9 +11,10 @@ import torch
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import create_model
 from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.config import TrainConfig, load_config
 from wsi_mil.training.methods import create_method
-from wsi_mil.training.methods.base import Bag, Batch
+from wsi_mil.training.methods.base import Batch
 from wsi_mil.training.methods.packmil import (
     PackedBatch,
     PackMILMethod,

@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from wsi_mil.errors import CohortError
 from wsi_mil.preprocessing.feature_file import FeatureProvenance, write_feature_file
-from wsi_mil.training.methods.base import Bag
+from wsi_mil.training.bag import Bag
 
 BENCHMARK_DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant")
 REPETITIONS = 5

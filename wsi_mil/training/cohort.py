@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from wsi_mil.errors import CohortError, FeatureFileError
 from wsi_mil.preprocessing.feature_file import read_feature_file, read_feature_meta
-from wsi_mil.training.methods.base import Bag
+from wsi_mil.training.bag import Bag
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_mil.errors import RunFolderError
 from wsi_mil.preprocessing.feature_file import read_feature_file
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.cohort import index_feature_files
-from wsi_mil.training.methods.base import Bag
 from wsi_mil.training.run import (
     RunLayout,
     check_feature_contract,

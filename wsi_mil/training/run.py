@@ -43,9 +43,10 @@ from wsi_mil.errors import (
 )
 from wsi_mil.models import MILModel, create_model, model_entry
 from wsi_mil.preprocessing.feature_file import read_feature_file
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.cohort import Cohort, FeatureContract, load_cohort
 from wsi_mil.training.config import TrainConfig, load_config, save_config
-from wsi_mil.training.methods import Bag, create_method
+from wsi_mil.training.methods import create_method
 from wsi_mil.training.metrics import (
     LOWER_IS_BETTER,
     classification_metrics,

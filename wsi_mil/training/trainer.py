@@ -26,6 +26,7 @@ from torch import nn
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import (
     EpochBags,
     balanced_sample_weights,
@@ -34,7 +35,7 @@ from wsi_mil.training.batching import (
     padded_batches,
 )
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods.base import Bag, TrainingMethod
+from wsi_mil.training.methods.base import TrainingMethod
 from wsi_mil.training.metrics import classification_metrics, is_improvement, selection_key
 
 log = logging.getLogger(__name__)
