@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from wsi_mil.errors import UnknownModelError
+from wsi_mil.inference.predict import predict_bag
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.training.config import TrainConfig, save_config
 
@@ -32,12 +33,12 @@ def test_model_folders_and_run_folds_are_served(model_folder, tmp_path: Path) ->
     assert registry.get("group/nested").card.class_names == ["a", "b", "c"]
     served = registry.get("single")
     assert not served.model.training
-    assert served.preprocessing_source == "card" and served.slide_job_problem is None
+    assert served.preprocessing_source == "card" and served.slide_problem is None
     assert (
         served.preprocessing.encoder == "test-encoder" and served.preprocessing.tiling.tile_px == 64
     )
-    output = served.predict(np.random.default_rng(0).normal(size=(9, 32)).astype(np.float32))
-    assert output.logits.shape == (1, 2) and output.attention.shape == (1, 9)
+    output = predict_bag(served, np.random.default_rng(0).normal(size=(9, 32)).astype(np.float32))
+    assert output.probabilities.shape == (2,) and output.attention.shape == (9,)
     saved = (root / "single" / "model.safetensors").read_bytes()
     assert served.weights_sha256 == hashlib.sha256(saved).hexdigest()
     reference = load_file(str(root / "single" / "model.safetensors"))
@@ -85,10 +86,10 @@ def test_preprocessing_contracts(model_folder, tmp_path: Path) -> None:
     (root / "relative_weights" / "enc.safetensors").write_bytes(b"")
     registry = ModelRegistry.load(root, device="cpu")
     derived = registry.get("derived")
-    assert derived.preprocessing_source == "feature_contract" and derived.slide_job_problem is None
+    assert derived.preprocessing_source == "feature_contract" and derived.slide_problem is None
     assert derived.preprocessing.encoder == "test-encoder" and derived.preprocessing.weights is None
-    assert "only feature-file predictions" in registry.get("features_only").slide_job_problem
-    assert "tile_px=128" in registry.get("mismatch").slide_job_problem
-    assert "no-such-encoder" in registry.get("bad_encoder").slide_job_problem
+    assert "only feature-file predictions" in registry.get("features_only").slide_problem
+    assert "tile_px=128" in registry.get("mismatch").slide_problem
+    assert "no-such-encoder" in registry.get("bad_encoder").slide_problem
     weights = registry.get("relative_weights").preprocessing.weights
     assert weights == str(root / "relative_weights" / "enc.safetensors")

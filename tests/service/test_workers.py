@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobStore
 from wsi_mil.service.model_registry import ModelRegistry
-from wsi_mil.service.workers import JobPaths, WorkerPool
+from wsi_mil.service.workers import WorkerPool
 
 
 @pytest.fixture()

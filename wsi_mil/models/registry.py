@@ -114,18 +114,23 @@ def model_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def create_model(name: str, in_dim: int, num_classes: int, **kwargs: Any) -> MILModel:
-    """Build a registered model. `None` kwargs are dropped so unset options keep model defaults.
+def model_options(name: str, **overrides: Any) -> dict[str, Any]:
+    """Every option `name` is built with: its defaults updated by the non-None `overrides`.
 
-    The entrypoint receives every option (its defaults updated by `kwargs`). Unknown keyword
-    arguments raise a `TypeError` that names the model's accepted options.
+    `None` values are dropped so unset options keep the model's defaults; unknown options raise
+    a `TypeError` that names the model's accepted options.
     """
     entry = model_entry(name)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    unknown = set(kwargs) - set(entry.defaults)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - set(entry.defaults)
     if unknown:
         raise TypeError(
             f"model {name!r} got unknown option(s) {sorted(unknown)}; "
             f"it accepts {sorted(entry.defaults)}"
         )
-    return entry.fn(in_dim, num_classes, **{**entry.defaults, **kwargs})
+    return {**entry.defaults, **given}
+
+
+def create_model(name: str, in_dim: int, num_classes: int, **kwargs: Any) -> MILModel:
+    """Build a registered model with `model_options(name, **kwargs)` (unset options keep defaults)."""
+    return model_entry(name).fn(in_dim, num_classes, **model_options(name, **kwargs))

@@ -10,9 +10,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from wsi_mil.errors import SlideOpenError
-from wsi_mil.preprocessing.slide import open_slide
-from wsi_mil.service.deps import DoneJobDep, SettingsDep
-from wsi_mil.service.heatmaps import (
+from wsi_mil.inference.heatmaps import (
     HeatmapOptions,
     Scale,
     TileScores,
@@ -22,10 +20,12 @@ from wsi_mil.service.heatmaps import (
     render_heatmap,
     top_tiles,
 )
+from wsi_mil.preprocessing.slide import open_slide
+from wsi_mil.service.deps import DoneJobDep, SettingsDep
+from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobRecord
 from wsi_mil.service.schemas import ErrorPublic, ScoresPublic, TopTilePublic, TopTilesPublic
 from wsi_mil.service.settings import ServiceSettings
-from wsi_mil.service.workers import JobPaths
 
 router = APIRouter(prefix="/v1/jobs", tags=["heatmaps"])
 

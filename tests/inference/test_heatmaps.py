@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from wsi_mil.errors import HeatmapRequestError
-from wsi_mil.service.heatmaps import (
+from wsi_mil.inference.heatmaps import (
     HeatmapOptions,
     TileScores,
     canvas_size,

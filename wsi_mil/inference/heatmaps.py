@@ -6,23 +6,25 @@ matplotlib colormap and blended on the slide thumbnail, masked to tissue. The sa
 QuPath GeoJSON (one `tile` per instance, scores as `measurements`, as WSInfer writes them) and a
 JSON table. Scales: `raw` (the model's values on a fixed 0..1 colour range), `percentile` (rank
 within the slide, as CLAM's heatmaps) and `minmax` (linear from the slide's lowest to highest).
+
+Nothing here knows a service or a job: inputs are per-tile scores, level-0 coords and a tile size.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage, stats
 
+from wsi_mil.atomic import atomic_open
 from wsi_mil.errors import HeatmapRequestError
 
 Scale = Literal["raw", "percentile", "minmax"]
@@ -65,11 +67,9 @@ class TileScores:
         return int(self.coords.shape[0])
 
     def save(self, path: str | Path) -> None:
-        """Write an `.npz` atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        """Write an `.npz` atomically."""
         arrays = {f"map__{name}": values for name, values in self.maps.items()}
-        with tmp.open("wb") as handle:
+        with atomic_open(path, "wb") as handle:
             np.savez(
                 handle,
                 coords=self.coords.astype(np.int64),
@@ -79,7 +79,6 @@ class TileScores:
                 slide_size=np.array([self.slide_width, self.slide_height], dtype=np.int64),
                 **arrays,
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> TileScores:
@@ -205,6 +204,8 @@ def smooth_grid(grid: np.ndarray, sigma_px: float) -> np.ndarray:
 
 def colorize(grid: np.ndarray, *, cmap: str, vmin: float, vmax: float, alpha: float) -> np.ndarray:
     """RGBA uint8 `[h, w, 4]` of a grid: colormap over `[vmin, vmax]` (clipped), transparent where NaN."""
+    from matplotlib import colormaps  # on first use: importing the service need not load matplotlib
+
     try:
         colormap = colormaps[cmap]
     except KeyError as err:
@@ -279,21 +280,29 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def tile_columns(
+    attention: np.ndarray, maps: Mapping[str, np.ndarray], class_names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Every per-tile score as a named column: `attention`, then each map row, named
+    `<map>_<class>` for per-class maps, `<map>_<row>` for other multi-row maps, `<map>` for one row."""
+    table = {ATTENTION: np.asarray(attention, dtype=np.float64)}
+    for name, values in sorted(maps.items()):
+        per_class = values.shape[0] == len(class_names)
+        for row in range(values.shape[0]):
+            suffix = class_names[row] if per_class else str(row)
+            table[f"{name}_{suffix}" if values.shape[0] > 1 else name] = values[row].astype(np.float64)
+    return table
+
+
 def measurements(scores: TileScores) -> dict[str, np.ndarray]:
     """Every per-tile number worth exporting: attention on all three scales, then each map row."""
-    table = {
-        ATTENTION: scores.attention.astype(np.float64),
+    columns = tile_columns(scores.attention, scores.maps, scores.class_names)
+    return {
+        ATTENTION: columns.pop(ATTENTION),
         f"{ATTENTION}_percentile": scale_scores(scores.attention, "percentile"),
         f"{ATTENTION}_minmax": scale_scores(scores.attention, "minmax"),
+        **columns,
     }
-    for name, values in sorted(scores.maps.items()):
-        per_class = values.shape[0] == len(scores.class_names)
-        for row in range(values.shape[0]):
-            suffix = scores.class_names[row] if per_class else str(row)
-            table[f"{name}_{suffix}" if values.shape[0] > 1 else name] = values[row].astype(
-                np.float64
-            )
-    return table
 
 
 def heatmap_geojson(scores: TileScores, *, name: str) -> dict[str, Any]:
