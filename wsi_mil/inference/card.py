@@ -192,4 +192,5 @@ def read_model_card(path: Path) -> ModelCard:
     except OSError as err:
         raise RunFolderError(f"cannot read model card {path}: {err}; is this a finished training run?") from err
     except ValidationError as err:
-        raise RunFolderError(f"model card {path} is malformed: {err}") from err
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors())
+        raise RunFolderError(f"model card {path} is malformed: {problems}") from err

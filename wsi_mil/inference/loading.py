@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 
 from wsi_mil.errors import RunFolderError, WsiMilError
@@ -144,7 +145,7 @@ def _load_model_folder(folder: Path, device: torch.device) -> LoadedModel:
     weights = folder / card.weights_file
     try:
         load_safetensors(model, str(weights), strict=True)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         raise RunFolderError(f"cannot load weights {weights} into {card.model_name}: {err}") from err
     slides = card.slide_preprocessing()
     config = slides.config
