@@ -75,6 +75,7 @@ def job_links(job_id: str) -> dict[str, str]:
         "self": base,
         "cancel": f"{base}/cancel",
         "heatmap": f"{base}/heatmap.png",
+        "heatmap_legend": f"{base}/heatmap-legend",
         "geojson": f"{base}/heatmap.geojson",
         "scores": f"{base}/scores.json",
         "top_tiles": f"{base}/top-tiles",
