@@ -74,7 +74,7 @@ def train(
     except WsiMilError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    _print_metrics(metrics)
+    print_metrics(metrics)
     console.print(f"run folder: {out}")
 
 
@@ -88,7 +88,7 @@ def evaluate(run: Annotated[Path, typer.Argument(help="a run folder made by wsi-
     except WsiMilError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    _print_metrics(metrics)
+    print_metrics(metrics)
 
 
 @app.command()
@@ -130,7 +130,7 @@ def localise(
         console.print(f"written to {out}")
 
 
-def _print_metrics(metrics: dict[str, Any]) -> None:
+def print_metrics(metrics: dict[str, Any]) -> None:
     """One table per part (val, test): each scalar metric's mean ± sd over folds."""
     from wsi_mil.training.metrics import SCALAR_METRICS
 
@@ -143,3 +143,23 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             else:
                 table.add_row(name, f"{entry['mean']:.4f}", f"{entry['sd']:.4f}", str(entry["n_folds"]))
         console.print(table)
+
+
+def print_held_out_predictions(run: Path) -> None:
+    """A table of every slide's prediction by the fold model that held it out (its test part)."""
+    import csv
+
+    from wsi_mil.inference.loading import RunLayout
+
+    with RunLayout(run).predictions.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    if not rows:
+        return
+    classes = [key.removeprefix("prob_") for key in rows[0] if key.startswith("prob_")]
+    table = Table("slide", "label", "predicted", *[f"p({name})" for name in classes], "fold",
+                  title="held-out predictions (each slide by the fold that did not train on it)")
+    for row in sorted(rows, key=lambda r: r["slide_id"]):
+        style = "green" if row["predicted"] == row["label"] else "red"
+        table.add_row(row["slide_id"], row["label"], f"[{style}]{row['predicted']}[/{style}]",
+                      *[f"{float(row[f'prob_{name}']):.3f}" for name in classes], row["fold"])
+    console.print(table)
