@@ -49,6 +49,7 @@ ScaleQuery = Annotated[
 Colormap = Literal[
     "jet", "turbo", "viridis", "inferno", "magma", "plasma", "coolwarm", "RdYlBu_r", "gray"
 ]
+CmapQuery = Annotated[Colormap, Query(description="matplotlib colormap")]
 _NOT_READY = {
     404: {"model": ErrorPublic, "description": "no such job"},
     409: {"model": ErrorPublic, "description": "the job is not done"},
@@ -89,7 +90,7 @@ def get_heatmap_png(
     scale: ScaleQuery = "relative",
     class_index: ClassIndex = None,
     map_name: MapName = None,
-    cmap: Annotated[Colormap, Query(description="matplotlib colormap")] = "jet",
+    cmap: CmapQuery = "jet",
     alpha: Annotated[float, Query(ge=0, le=1, description="opacity of the colours")] = 0.5,
     smooth: Annotated[
         float, Query(ge=0, le=10, description="Gaussian sigma in tiles (0: none)")
@@ -144,7 +145,7 @@ def get_heatmap_legend(
     scale: ScaleQuery = "relative",
     class_index: ClassIndex = None,
     map_name: MapName = None,
-    cmap: Annotated[Colormap, Query(description="matplotlib colormap")] = "jet",
+    cmap: CmapQuery = "jet",
 ) -> HeatmapLegendPublic:
     """What `heatmap.png` with the same options paints in which colour, for a viewer's legend."""
     values, label = _scores(settings, job).select(map_name, class_index)
