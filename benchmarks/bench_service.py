@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from wsi_mil.models import create_model
+from wsi_mil.inference.card import FeatureContract, ModelCard
+from wsi_mil.models import create_model, model_options
 from wsi_mil.preprocessing.feature_file import FeatureProvenance, write_feature_file
-from wsi_mil.training.cohort import FeatureContract
-from wsi_mil.training.run import ModelCard, resolved_model_kwargs
+from wsi_mil.preprocessing.pipeline import PreprocessConfig
+from wsi_mil.preprocessing.tiling import TilingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = Path(os.environ.get("WSI_MIL_SHARED", ROOT.parent / "shared")) / "data" / "slides"
@@ -149,7 +150,7 @@ def multipart_body(path: Path, bag: Path, model: str) -> Path:
 def write_model(folder: Path) -> None:
     """An ABMIL (CLAM-size defaults) on 1024-d resnet50-trunc features, in the trainer's card format."""
     torch.manual_seed(0)
-    kwargs = resolved_model_kwargs("abmil", {})
+    kwargs = model_options("abmil")
     model = create_model("abmil", FEATURE_DIM, 2, **kwargs)
     card = ModelCard(
         model_name="abmil",
@@ -159,24 +160,21 @@ def write_model(folder: Path) -> None:
         feature_contract=FeatureContract(
             encoder=ENCODER, feature_dim=FEATURE_DIM, target_mpp=0.5, tile_px=256
         ),
+        preprocessing=PreprocessConfig(
+            tiling=TilingParams(target_mpp=0.5, tile_px=256), encoder=ENCODER, weights="random"
+        ),
         training_method="plain",
         fold=0,
         best_epoch=1,
         epochs_run=1,
-        selection_metric="auc",
+        selection_metric="roc_auc_macro",
     )
-    raw = card.model_dump(mode="json")
-    raw["preprocessing"] = {
-        "tiling": {"target_mpp": 0.5, "tile_px": 256},
-        "encoder": ENCODER,
-        "weights": "random",
-    }
     folder.mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(folder / "model.safetensors"),
     )
-    (folder / "model_card.json").write_text(json.dumps(raw))
+    (folder / "model_card.json").write_text(card.model_dump_json(indent=2))
 
 
 def start_server(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from wsi_mil.models import create_model
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods import Bag, create_method
+from wsi_mil.training.methods import create_method
 from wsi_mil.training.trainer import EpochReport, fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from wsi_mil.atomic import (
+    atomic_directory,
     atomic_open,
     atomic_path,
     write_bytes_atomic,
@@ -72,3 +73,27 @@ def test_json_encodes_numpy_and_refuses_nan(tmp_path):
 def test_read_modes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="mode"), atomic_open(tmp_path / "x", "r"):
         pass
+
+
+def test_csv_newlines_pass_through_unchanged(tmp_path):
+    with atomic_open(tmp_path / "t.csv", "w", newline="") as stream:
+        stream.write("a,b\r\n1,2\r\n")
+    assert (tmp_path / "t.csv").read_bytes() == b"a,b\r\n1,2\r\n"
+
+
+def test_atomic_directory_replaces_the_folder_at_once_or_not_at_all(tmp_path):
+    target = tmp_path / "jobs" / "abc"
+    with atomic_directory(target) as staging:
+        assert not target.exists() and staging.parent == target.parent
+        (staging / "result.json").write_text("{}")
+    assert [p.name for p in target.iterdir()] == ["result.json"]
+
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "half.json").write_text("{")
+        raise RuntimeError("the job failed while writing")
+    assert [p.name for p in target.iterdir()] == ["result.json"]
+    assert [p.name for p in target.parent.iterdir()] == ["abc"]
+
+    with atomic_directory(target) as staging:
+        (staging / "new.json").write_text("[]")
+    assert [p.name for p in target.iterdir()] == ["new.json"]

@@ -1,13 +1,15 @@
 """Atomic file writes: write to a temporary name beside the target, then rename it into place.
 
 A crash or an exception mid-write never leaves a truncated file under the target's name: readers
-see either the old file or the new one. Every writer in wsi_mil goes through `atomic_path`.
+see either the old file or the new one. Every writer in wsi_mil goes through `atomic_path`, and a
+folder of results that must appear at once through `atomic_directory`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,10 +48,13 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w", *, encoding: str | None = None) -> Iterator[IO[Any]]:
+def atomic_open(
+    path: str | Path, mode: str = "w", *, encoding: str | None = None, newline: str | None = None
+) -> Iterator[IO[Any]]:
     """Open a temporary file beside `path` for writing; rename it onto `path` when the block succeeds.
 
     The file is created like any new file (0o666 minus the umask), unlike `mkstemp`'s 0o600.
+    `newline` is `open`'s (`""` for the csv module).
     """
     if "w" not in mode:
         raise ValueError(f"atomic_open writes whole files; mode must contain 'w', got {mode!r}")
@@ -57,10 +62,27 @@ def atomic_open(path: str | Path, mode: str = "w", *, encoding: str | None = Non
         encoding = "utf-8"
     with atomic_path(path, fsync=False) as temp:
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(descriptor, mode, encoding=encoding) as stream:
+        with os.fdopen(descriptor, mode, encoding=encoding, newline=newline) as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a new temporary folder beside `path`; when the block succeeds it replaces `path`
+    (any previous folder there is removed first). On any exception the temporary folder is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_sibling(target)
+    temp.mkdir()
+    try:
+        yield temp
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

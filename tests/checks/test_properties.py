@@ -3,8 +3,6 @@ pooling model and a position-weighted model are caught."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -23,14 +21,7 @@ from wsi_mil.models.base import resolve_mask
 from wsi_mil.models.layers import masked_mean
 from wsi_mil.models.reference import mi_net, multi_concept_mil
 
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from wsi_mil.cli import _register_commands, app
@@ -18,12 +16,8 @@ SMALL = ["--tests", "single-concept", "--seeds", "1", "--bags", "40"]
 
 
 @pytest.fixture(autouse=True)
-def registered_single_thread() -> Iterator[None]:
+def registered_single_thread(single_torch_thread: None) -> None:
     _register_commands()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_list_models_shows_every_registered_model() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,12 @@ import yaml
 from typer.testing import CliRunner
 
 from wsi_mil.cli import _register_commands, app
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
-from wsi_mil.training.methods.base import Bag
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

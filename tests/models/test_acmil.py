@@ -13,20 +13,14 @@ from wsi_mil.models import create_model
 from wsi_mil.models.abmil import ABMIL
 from wsi_mil.models.acmil import ACMIL, branch_diversity, stkim_drop_mask
 
+IN_DIM = 20
+
 
 def small_acmil(**options: object) -> ACMIL:
     torch.manual_seed(0)
     defaults: dict[str, object] = {"hidden_dim": 12, "attention_dim": 6}
-    return ACMIL(20, 3, **{**defaults, **options})  # type: ignore[arg-type]
+    return ACMIL(IN_DIM, 3, **{**defaults, **options})  # type: ignore[arg-type]
 
-
-def padded(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = 30.0 * torch.randn(len(lengths), max(lengths), 20)
-    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        x[i, :n] = torch.randn(n, 20)
-        mask[i, :n] = True
-    return x, mask
 
 
 def test_default_layers_follow_acmil_ga() -> None:
@@ -38,17 +32,17 @@ def test_default_layers_follow_acmil_ga() -> None:
     assert create_model("acmil", 1536, 2).projection[0].out_features == 768
 
 
-def test_one_branch_without_masking_equals_gated_abmil_with_the_same_weights() -> None:
+def test_one_branch_without_masking_equals_gated_abmil_with_the_same_weights(padded_batch) -> None:
     acmil = small_acmil(num_branches=1, mask_top_k=0)
     abmil = ABMIL(
-        20, 3, hidden_dim=12, attention_dim=6, gated=True, dropout=0.0, attention_dropout=0.0
+        IN_DIM, 3, hidden_dim=12, attention_dim=6, gated=True, dropout=0.0, attention_dropout=0.0
     )
     with torch.no_grad():
         abmil.projection[0].weight.copy_(acmil.projection[0].weight)
         abmil.projection[0].bias.zero_()  # ACMIL's dimension reduction has no bias
         abmil.attention.load_state_dict(acmil.attention.state_dict())
         abmil.classifier.load_state_dict(acmil.classifier.state_dict())
-    x, mask = padded([9, 4])
+    _, x, mask = padded_batch([9, 4], IN_DIM)
     for training in (False, True):  # no dropout and no masking: train and eval agree
         acmil.train(training)
         abmil.train(training)
@@ -61,9 +55,9 @@ def test_one_branch_without_masking_equals_gated_abmil_with_the_same_weights() -
     assert a.aux_losses["diversity"] == 0
 
 
-def test_eval_applies_no_masking() -> None:
+def test_eval_applies_no_masking(padded_batch) -> None:
     model = small_acmil(num_branches=4, mask_top_k=5, mask_drop=0.8).eval()
-    x, mask = padded([12, 3])
+    _, x, mask = padded_batch([12, 3], IN_DIM)
     with torch.no_grad():
         out = model(x, mask)
     expected = torch.softmax(
@@ -74,12 +68,12 @@ def test_eval_applies_no_masking() -> None:
 
 @pytest.mark.parametrize(("top_k", "drop"), [(10, 0.6), (4, 0.5), (3, 1.0), (6, 0.1)])
 def test_stkim_drops_exactly_floor_k_p_of_the_top_k_and_never_padding(
-    top_k: int, drop: float
+    top_k: int, drop: float, padded_batch
 ) -> None:
     model = small_acmil(num_branches=3, mask_top_k=top_k, mask_drop=drop).train()
     lengths = [15, 6, 2, 1]
     torch.manual_seed(1)
-    x, mask = padded(lengths)
+    _, x, mask = padded_batch(lengths, IN_DIM)
     with torch.no_grad():
         out = model(x, mask)
     weights, scores = out.maps["branch_attention"], out.maps["attention_logits"]
@@ -105,12 +99,12 @@ def test_stkim_draws_independent_subsets_per_bag_and_branch() -> None:
     assert len(patterns) > 1
 
 
-def test_diversity_is_one_for_identical_branches_and_within_zero_one() -> None:
+def test_diversity_is_one_for_identical_branches_and_within_zero_one(padded_batch) -> None:
     model = small_acmil(num_branches=4, mask_top_k=0).eval()
     with torch.no_grad():
         model.attention.score.weight.copy_(model.attention.score.weight[:1].expand(4, -1))
         model.attention.score.bias.fill_(0.3)
-        identical = model(*padded([8, 5])).aux_losses["diversity"]
+        identical = model(*padded_batch([8, 5], IN_DIM)[1:]).aux_losses["diversity"]
     torch.testing.assert_close(identical, torch.tensor(1.0))
     random_attention = torch.softmax(torch.randn(6, 5, 40), dim=-1)
     value = branch_diversity(random_attention)

@@ -41,18 +41,6 @@ def build(name: str, **overrides: object) -> MILModel:
     return create_model(name, IN_DIM, NUM_CLASSES, **options)
 
 
-def padded_batch(
-    lengths: list[int], *, seed: int = 0
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Bags `[N_i, D]` and their padded batch `[B, N_max, D]` + mask; padding holds large noise."""
-    generator = torch.Generator().manual_seed(seed)
-    bags = [torch.randn(n, IN_DIM, generator=generator) for n in lengths]
-    x = 50.0 * torch.randn(len(lengths), max(lengths), IN_DIM, generator=generator)
-    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
-    for i, bag in enumerate(bags):
-        x[i, : len(bag)] = bag
-        mask[i, : len(bag)] = True
-    return bags, x, mask
 
 
 def targets_for(batch: int) -> torch.Tensor:
@@ -82,9 +70,9 @@ def test_entrypoint_has_summary_and_keyword_defaults(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_output_types_and_shapes(name: str) -> None:
+def test_output_types_and_shapes(name: str, padded_batch) -> None:
     model = build(name).eval()
-    _, x, mask = padded_batch([7, 4])
+    _, x, mask = padded_batch([7, 4], IN_DIM)
     with torch.no_grad():
         out = model(x, mask)
     batch, num_instances = mask.shape
@@ -109,9 +97,9 @@ def test_output_types_and_shapes(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_padding_invariance(name: str) -> None:
+def test_padding_invariance(name: str, padded_batch) -> None:
     model = build(name).eval()
-    bags, x, mask = padded_batch([7, 1, 12])
+    bags, x, mask = padded_batch([7, 1, 12], IN_DIM)
     with torch.no_grad():
         batched = model(x, mask)
         for i, bag in enumerate(bags):
@@ -139,9 +127,9 @@ ADDITIVE_CONTRIBUTIONS = ["abmil", "abmil_plain", "abmil_ilse", "clam_sb", "clam
 
 
 @pytest.mark.parametrize("name", ADDITIVE_CONTRIBUTIONS)
-def test_instance_contributions_add_up_to_the_logits(name: str) -> None:
+def test_instance_contributions_add_up_to_the_logits(name: str, padded_batch) -> None:
     model = build(name).train()  # train mode: the split must hold for the pass that made it (dropout on)
-    _, x, mask = padded_batch([7, 1, 12])
+    _, x, mask = padded_batch([7, 1, 12], IN_DIM)
     with torch.no_grad():
         out = model(x, mask)
     assert out.instance_contributions is not None
@@ -181,9 +169,9 @@ def test_single_instance_bag(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_gradients_reach_every_trainable_parameter(name: str) -> None:
+def test_gradients_reach_every_trainable_parameter(name: str, padded_batch) -> None:
     model = build(name).train()
-    _, x, mask = padded_batch([9, 3, 6])
+    _, x, mask = padded_batch([9, 3, 6], IN_DIM)
     torch.manual_seed(1)
     out = model(x, mask)
     loss = out.logits.sum() + sum(out.aux_losses.values(), torch.zeros(()))
@@ -201,9 +189,9 @@ def test_gradients_reach_every_trainable_parameter(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_eval_is_deterministic(name: str) -> None:
+def test_eval_is_deterministic(name: str, padded_batch) -> None:
     model = build(name).eval()
-    _, x, mask = padded_batch([8, 5])
+    _, x, mask = padded_batch([8, 5], IN_DIM)
     with torch.no_grad():
         first, second = model(x, mask), model(x, mask)
     assert torch.equal(first.logits, second.logits)
@@ -211,9 +199,9 @@ def test_eval_is_deterministic(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_bf16_autocast_forward_is_finite(name: str) -> None:
+def test_bf16_autocast_forward_is_finite(name: str, padded_batch) -> None:
     model = build(name).eval()
-    _, x, mask = padded_batch([10, 3])
+    _, x, mask = padded_batch([10, 3], IN_DIM)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, mask)
         losses = {**out.aux_losses, **model.aux_losses(out, targets_for(2))}
@@ -223,11 +211,11 @@ def test_bf16_autocast_forward_is_finite(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_softmax_attention_sums_to_one_over_valid_instances(name: str) -> None:
+def test_softmax_attention_sums_to_one_over_valid_instances(name: str, padded_batch) -> None:
     model = build(name)
     if not is_softmax_attention(model):
         pytest.skip(f"{name} declares softmax_attention = False")
-    _, x, mask = padded_batch([11, 2, 6])
+    _, x, mask = padded_batch([11, 2, 6], IN_DIM)
     for training in (False, True):
         model.train(training)
         with torch.no_grad():

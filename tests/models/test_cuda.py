@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.models.test_contract import MODEL_NAMES, build, padded_batch, targets_for
+from tests.models.test_contract import IN_DIM, MODEL_NAMES, build, targets_for
 
 pytestmark = pytest.mark.gpu
 
@@ -24,9 +24,9 @@ def _need_cuda_without_tf32() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_cuda_fp32_matches_cpu(name: str) -> None:
+def test_cuda_fp32_matches_cpu(name: str, padded_batch) -> None:
     model = build(name).eval()
-    _, x, mask = padded_batch([9, 40, 23])
+    _, x, mask = padded_batch([9, 40, 23], IN_DIM)
     with torch.no_grad():
         cpu = model(x, mask)
         gpu = model.cuda()(x.cuda(), mask.cuda())
@@ -35,9 +35,9 @@ def test_cuda_fp32_matches_cpu(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_cuda_bf16_training_step_is_finite_and_padding_safe(name: str) -> None:
+def test_cuda_bf16_training_step_is_finite_and_padding_safe(name: str, padded_batch) -> None:
     model = build(name).cuda().train()
-    bags, x, mask = padded_batch([9, 40, 23])
+    bags, x, mask = padded_batch([9, 40, 23], IN_DIM)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         output = model(x.cuda(), mask.cuda())
         loss = torch.nn.functional.cross_entropy(output.logits.float(), targets_for(3).cuda())

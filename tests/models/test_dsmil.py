@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from wsi_mil.models import create_model
 from wsi_mil.models.base import MILOutput
 from wsi_mil.models.dsmil import DSMIL
+from wsi_mil.models.registry import model_options
 from wsi_mil.training.methods import create_method
 from wsi_mil.training.methods.base import Batch, TrainingMethod
-from wsi_mil.training.run import resolved_model_kwargs
 
 
 def small_dsmil(**options: object) -> DSMIL:
@@ -132,7 +132,7 @@ def test_init_is_orthogonal_with_zero_biases() -> None:
 
 
 def test_the_run_records_the_loss_defaults() -> None:
-    kwargs = resolved_model_kwargs("dsmil", {})
+    kwargs = model_options("dsmil")
     assert kwargs["bag_loss"] == "bce" and kwargs["max_instance_loss"] == "bce"
 
 

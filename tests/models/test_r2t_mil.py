@@ -25,18 +25,6 @@ def build(**options: object) -> R2TMIL:
     return create_model("r2t_mil", IN_DIM, 3, **{**SMALL, **options})
 
 
-def padded_batch(lengths: list[int], *, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Bags `[N_i, D]` and a right-padded batch whose padding holds large noise."""
-    g = torch.Generator().manual_seed(seed)
-    bags = [torch.randn(n, IN_DIM, generator=g) for n in lengths]
-    x = 100.0 * torch.randn(len(bags), max(lengths), IN_DIM, generator=g)
-    mask = torch.zeros(len(bags), max(lengths), dtype=torch.bool)
-    for i, bag in enumerate(bags):
-        x[i, : len(bag)] = bag
-        mask[i, : len(bag)] = True
-    return bags, x, mask
-
-
 @pytest.mark.parametrize(
     ("length", "side", "region_side"),
     [(1, 8, 1), (100, 16, 2), (9000, 96, 12), (200_000, 448, 56)],  # the spec's worked sizes
@@ -106,9 +94,9 @@ def test_region_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(attention(regions, valid), whole, atol=1e-6, rtol=1e-6)
 
 
-def test_padded_batch_equals_bags_alone() -> None:
+def test_padded_batch_equals_bags_alone(padded_batch) -> None:
     model = build().eval()
-    bags, x, mask = padded_batch([7, 1, 12, 90])
+    bags, x, mask = padded_batch([7, 1, 12, 90], IN_DIM)
     with torch.no_grad():
         batched = model(x, mask)
         for i, bag in enumerate(bags):
@@ -172,12 +160,12 @@ def test_single_and_non_square_bags(length: int) -> None:
     torch.testing.assert_close(out.attention.sum(dim=1), torch.ones(2))
 
 
-def test_large_bags_switch_to_fixed_region_size() -> None:
+def test_large_bags_switch_to_fixed_region_size(padded_batch) -> None:
     model = build(large_bag_threshold=2000, large_bag_region_size=12).eval()
     assert model.encoder.rmsa_layout(2000).regions_per_side == 8
     layout = model.encoder.rmsa_layout(3000)
     assert (layout.side, layout.region_side) == (60, 12)
-    bags, x, mask = padded_batch([3000, 1500])
+    bags, x, mask = padded_batch([3000, 1500], IN_DIM)
     with torch.no_grad():
         out = model(x, mask)
         alone = model(bags[0].unsqueeze(0))
@@ -186,10 +174,10 @@ def test_large_bags_switch_to_fixed_region_size() -> None:
     torch.testing.assert_close(out.logits[0], alone.logits[0], atol=1e-5, rtol=0)
 
 
-def test_training_step_reaches_every_parameter_and_bf16_forward_is_finite() -> None:
+def test_training_step_reaches_every_parameter_and_bf16_forward_is_finite(padded_batch) -> None:
     for options in ({}, {"crmsa_mlp": True, "all_shortcut": True, "crmsa_k": 1}):
         model = build(**options).train()
-        _, x, mask = padded_batch([30, 3])
+        _, x, mask = padded_batch([30, 3], IN_DIM)
         model(x, mask).logits.sum().backward()
         for name, param in model.named_parameters():
             assert param.grad is not None and torch.isfinite(param.grad).all(), name

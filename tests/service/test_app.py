@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +156,19 @@ def test_metrics_count_requests_by_route_template(keyed: TestClient) -> None:
     )
     assert 'wsi_mil_jobs{state="queued"} 0.0' in text
     assert "wsi_mil_http_request_seconds_bucket" in text
+
+
+def test_importing_the_service_loads_no_training_module_nor_sklearn_nor_matplotlib() -> None:
+    """The service stands on `wsi_mil.inference`: a fresh interpreter importing the app must not load
+    the trainer (cohorts, splits, metrics), scikit-learn or matplotlib."""
+    script = (
+        "import json, sys; import wsi_mil.service.app; "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('sklearn', 'matplotlib') or m.startswith('wsi_mil.training'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []
+    assert "wsi_mil.inference" in subprocess.run(
+        [sys.executable, "-c", "import sys, wsi_mil.service.app; print(sorted(sys.modules))"],
+        capture_output=True, text=True, check=True,
+    ).stdout

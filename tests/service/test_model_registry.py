@@ -1,4 +1,4 @@
-"""Loading model folders and training-run folds, their preprocessing contracts, and bad folders."""
+"""Serving every model folder and training-run fold under models_dir by name, and reporting bad folders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from wsi_mil.errors import UnknownModelError
+from wsi_mil.inference.predict import predict_bag
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.training.config import TrainConfig, save_config
 
@@ -32,12 +33,12 @@ def test_model_folders_and_run_folds_are_served(model_folder, tmp_path: Path) ->
     assert registry.get("group/nested").card.class_names == ["a", "b", "c"]
     served = registry.get("single")
     assert not served.model.training
-    assert served.preprocessing_source == "card" and served.slide_job_problem is None
+    assert served.preprocessing_source == "card" and served.slide_problem is None
     assert (
         served.preprocessing.encoder == "test-encoder" and served.preprocessing.tiling.tile_px == 64
     )
-    output = served.predict(np.random.default_rng(0).normal(size=(9, 32)).astype(np.float32))
-    assert output.logits.shape == (1, 2) and output.attention.shape == (1, 9)
+    output = predict_bag(served, np.random.default_rng(0).normal(size=(9, 32)).astype(np.float32))
+    assert output.probabilities.shape == (2,) and output.attention.shape == (9,)
     saved = (root / "single" / "model.safetensors").read_bytes()
     assert served.weights_sha256 == hashlib.sha256(saved).hexdigest()
     reference = load_file(str(root / "single" / "model.safetensors"))
@@ -70,25 +71,3 @@ def test_bad_folders_are_reported_not_fatal(model_folder, tmp_path: Path) -> Non
         "WSI_MIL_MODELS_DIR"
         in ModelRegistry.load(tmp_path / "absent").problems[str(tmp_path / "absent")]
     )
-
-
-def test_preprocessing_contracts(model_folder, tmp_path: Path) -> None:
-    root = tmp_path / "models"
-    model_folder(root / "derived", preprocessing=False)
-    model_folder(root / "features_only", preprocessing=False, encoder=None)
-    model_folder(root / "mismatch", tiling={"target_mpp": 1.0, "tile_px": 64})
-    card = json.loads((root / "mismatch" / "model_card.json").read_text())
-    card["preprocessing"]["tiling"]["tile_px"] = 128
-    (root / "mismatch" / "model_card.json").write_text(json.dumps(card))
-    model_folder(root / "bad_encoder", encoder="no-such-encoder")
-    model_folder(root / "relative_weights", weights="enc.safetensors")
-    (root / "relative_weights" / "enc.safetensors").write_bytes(b"")
-    registry = ModelRegistry.load(root, device="cpu")
-    derived = registry.get("derived")
-    assert derived.preprocessing_source == "feature_contract" and derived.slide_job_problem is None
-    assert derived.preprocessing.encoder == "test-encoder" and derived.preprocessing.weights is None
-    assert "only feature-file predictions" in registry.get("features_only").slide_job_problem
-    assert "tile_px=128" in registry.get("mismatch").slide_job_problem
-    assert "no-such-encoder" in registry.get("bad_encoder").slide_job_problem
-    weights = registry.get("relative_weights").preprocessing.weights
-    assert weights == str(root / "relative_weights" / "enc.safetensors")

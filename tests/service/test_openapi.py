@@ -27,6 +27,7 @@ EXPECTED_OPERATIONS = {
     "jobs-cancel_job",
     "jobs-delete_job",
     "heatmaps-get_heatmap_png",
+    "heatmaps-get_heatmap_legend",
     "heatmaps-get_heatmap_geojson",
     "heatmaps-get_scores",
     "heatmaps-list_top_tiles",

@@ -1,16 +1,23 @@
-"""The worker pool: shutdown re-queues, cancellation, failures with reasons, expiry purge."""
+"""The worker pool: shutdown re-queues, cancellation, failures with reasons, expiry purge, and the
+same prediction as `predict_slide` and `wsi-mil predict`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from wsi_mil.cli import _register_commands, app
+from wsi_mil.inference import load_model, predict_slide
+from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobStore
 from wsi_mil.service.model_registry import ModelRegistry
-from wsi_mil.service.workers import JobPaths, WorkerPool
+from wsi_mil.service.workers import WorkerPool
 
 
 @pytest.fixture()
@@ -89,3 +96,27 @@ def test_expired_jobs_are_purged_with_their_files(pool_parts) -> None:
     assert pool.purge_expired() == 0
     assert pool.purge_expired(time.time() + 2 * 3600) == 1
     assert store.get(job_id) is None and not paths.result_dir.exists()
+
+
+def test_a_slide_job_predicts_what_predict_slide_and_the_cli_predict(
+    live_client, finished_job: dict, lesion_models_dir: Path, lesion_slide, tmp_path: Path
+) -> None:
+    """One code path: the service's slide job, `predict_slide` from Python and `wsi-mil predict` on the
+    same slide give the same probabilities and the same per-tile attention."""
+    model = load_model(lesion_models_dir / "lesion_abmil")
+    from_python = predict_slide(lesion_slide.path, model)
+    runner = CliRunner()
+    _register_commands()
+    cli = runner.invoke(
+        app, ["predict", str(lesion_models_dir / "lesion_abmil"), str(lesion_slide.path), "--out", str(tmp_path / "p.json")]
+    )
+    assert cli.exit_code == 0, cli.output
+    [from_cli] = json.loads((tmp_path / "p.json").read_text())
+    job = finished_job["result"]
+    job_scores = live_client.get(f"/v1/jobs/{finished_job['id']}/scores.json").json()
+    for probabilities in (job["probabilities"], from_cli["probabilities"]):
+        assert probabilities == pytest.approx(from_python.prediction.class_probabilities, abs=1e-6)
+    assert job["predicted_class"] == from_cli["predicted"] == from_python.prediction.predicted_class == "tumor"
+    np.testing.assert_allclose(job_scores["scores"]["attention"], from_python.prediction.attention, atol=1e-6)
+    np.testing.assert_allclose(from_cli["tile_scores"]["attention"], from_python.prediction.attention, atol=1e-6)
+    assert job_scores["x"] == from_python.coords[:, 0].tolist() == [c[0] for c in from_cli["coords"]]

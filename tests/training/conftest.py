@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods.base import Bag
 
 #: a small ABMIL, fast on CPU
 SMALL_ABMIL = {"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0, "attention_dropout": 0.0}
 
 
 @pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine more threads make small models far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def training_on_one_thread(single_torch_thread: None) -> None:
+    """Every training test runs small models, fastest on one intra-op thread (the root conftest's)."""
 
 
 def make_bags(

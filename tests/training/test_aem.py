@@ -10,10 +10,11 @@ import torch
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import create_model
 from wsi_mil.models.layers import masked_entropy
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import pad_bags
 from wsi_mil.training.methods import create_method
 from wsi_mil.training.methods.aem import AEMMethod, negative_entropy
-from wsi_mil.training.methods.base import Bag, Batch
+from wsi_mil.training.methods.base import Batch
 
 
 def test_uniform_attention_gives_minus_log_n():

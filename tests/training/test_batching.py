@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wsi_mil.models import create_model
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import (
     EpochBags,
     balanced_sample_weights,
@@ -15,7 +16,6 @@ from wsi_mil.training.batching import (
     padded_batches,
 )
 from wsi_mil.training.methods import create_method
-from wsi_mil.training.methods.base import Bag
 
 
 def _bags(sizes: list[int], labels: list[int] | None = None) -> list[Bag]:

@@ -18,6 +18,7 @@ from wsi_mil.preprocessing.batch import find_slides, run_batch
 from wsi_mil.preprocessing.pipeline import PreprocessConfig
 from wsi_mil.preprocessing.tiling import TilingParams
 from wsi_mil.training import TrainConfig, train_cohort
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 from wsi_mil.training.localisation import (
     instance_auc,
@@ -26,7 +27,6 @@ from wsi_mil.training.localisation import (
     summarise_localisation,
     tiles_in_region,
 )
-from wsi_mil.training.methods.base import Bag
 from wsi_mil.training.splits import load_split
 
 _register_commands()

@@ -1,8 +1,11 @@
-"""The training-method registry: built-in names, errors, extension, and isolation of broken modules."""
+"""The training-method registry: built-in names, errors, extension, explicit imports, the acmil method."""
 
 from __future__ import annotations
 
+import json
 import logging
+import pkgutil
+import subprocess
 import sys
 
 import pytest
@@ -11,10 +14,16 @@ import torch
 import wsi_mil.training.methods as methods
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import create_model
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import pad_bags
-from wsi_mil.training.methods import TrainingMethod, create_method, list_methods, register_method
+from wsi_mil.training.methods import (
+    TrainingMethod,
+    create_method,
+    list_methods,
+    register_method,
+    registry,
+)
 from wsi_mil.training.methods.aem import AEMMethod
-from wsi_mil.training.methods.base import Bag
 
 
 def test_built_in_methods():
@@ -32,7 +41,7 @@ def test_unknown_method_and_bad_options_name_the_setting():
 
 
 def test_register_a_new_method(monkeypatch):
-    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
 
     @register_method("scaled")
     class Scaled(TrainingMethod):
@@ -42,27 +51,20 @@ def test_register_a_new_method(monkeypatch):
     assert "scaled" in list_methods()
 
 
-def test_a_broken_method_module_only_disables_its_own_name(monkeypatch, tmp_path, caplog):
-    (tmp_path / "broken.py").write_text("raise ImportError('needs a package that is not installed')\n")
-    (tmp_path / "good.py").write_text(
-        "from wsi_mil.training.methods import TrainingMethod, register_method\n"
-        "register_method('good')(TrainingMethod)\n"
+def test_every_method_module_is_imported_explicitly_by_the_package():
+    """Each module under methods/ that registers a method is imported by the package itself, so a
+    broken method module fails at import and no method silently disappears."""
+    infrastructure = {"base", "registry"}
+    modules = {m.name for m in pkgutil.iter_modules(methods.__path__)} - infrastructure
+    assert modules == {"acmil", "aem", "mhim", "packmil"}
+    script = (
+        "import json, sys; import wsi_mil.training.methods as m; "
+        "print(json.dumps([sorted(sys.modules), m.list_methods()]))"
     )
-    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
-    monkeypatch.setattr(methods, "_METHOD_MODULES", ("broken", "not_written_yet", "good"))
-    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
-    monkeypatch.setattr(methods, "_IMPORT_ERRORS", {})
-    monkeypatch.setattr(methods, "_loaded", False)
-    for name in ("broken", "good"):
-        monkeypatch.setitem(sys.modules, f"wsi_mil.training.methods.{name}", None)
-        monkeypatch.delitem(sys.modules, f"wsi_mil.training.methods.{name}")
-    with caplog.at_level(logging.WARNING, logger="wsi_mil.training.methods"):
-        names = list_methods()
-    assert {"plain", "aem", "acmil", "good"} <= set(names)
-    assert "broken failed to import" in caplog.text
-    assert "not_written_yet" not in caplog.text  # a module not written yet is simply absent
-    with pytest.raises(TrainingConfigError, match=r"its module failed to import.*needs a package"):
-        create_method("broken")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    imported, names = json.loads(result.stdout)
+    assert {f"wsi_mil.training.methods.{name}" for name in modules} <= set(imported)
+    assert names == ["acmil", "aem", "mhim", "packmil", "plain"]
 
 
 def test_acmil_method_warns_when_the_model_returns_no_aux_loss(caplog):

@@ -13,10 +13,11 @@ from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import MILModel, MILOutput, create_model
 from wsi_mil.models.base import resolve_mask
 from wsi_mil.models.layers import masked_softmax
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import pad_bags
 from wsi_mil.training.config import TrainConfig, load_config
 from wsi_mil.training.methods import create_method
-from wsi_mil.training.methods.base import Bag, Batch
+from wsi_mil.training.methods.base import Batch
 from wsi_mil.training.methods.mhim import (
     MHIMMethod,
     RecycleNetwork,

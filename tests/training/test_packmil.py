@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from wsi_mil.errors import TrainingConfigError
+from wsi_mil.inference import load_model, predict_features, read_model_card
 from wsi_mil.models import create_model
 from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
+from wsi_mil.training import train_cohort
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.config import TrainConfig, load_config
 from wsi_mil.training.methods import create_method
-from wsi_mil.training.methods.base import Bag, Batch
+from wsi_mil.training.methods.base import Batch
 from wsi_mil.training.methods.packmil import (
     PackedBatch,
     PackMILMethod,
@@ -24,7 +27,6 @@ from wsi_mil.training.methods.packmil import (
     pack_hyperslides,
     residual_loss,
 )
-from wsi_mil.training.run import load_model_from_run, predict, read_model_card, train_cohort
 from wsi_mil.training.trainer import fit
 
 SMALL_ABMIL = {"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0, "attention_dropout": 0.0}
@@ -273,7 +275,7 @@ def test_train_cohort_with_ads_writes_a_card_that_rebuilds_the_served_model(writ
     train_cohort(config, run)
     card = read_model_card(run / "fold_0" / "model_card.json")
     assert card.model_name == "packmil_ads" and card.model_kwargs["base"] == "abmil"
-    model, _ = load_model_from_run(run, 0)
-    assert isinstance(model, PackMILDownsampled)
-    predictions = predict(run, [next(cohort.features_dir.iterdir())], fold=0)
-    assert len(predictions[0].attention) > 0
+    loaded = load_model(run, fold=0)
+    assert isinstance(loaded.model, PackMILDownsampled)
+    prediction = predict_features(next(cohort.features_dir.iterdir()), loaded).prediction
+    assert prediction.num_tiles > 0

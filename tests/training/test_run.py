@@ -1,4 +1,5 @@
-"""Run folders end to end: layout, model card, metrics, predictions, resume, no test leakage, serving."""
+"""Run folders end to end: layout, model card, metrics, predictions, resume, no test leakage, and
+loading a run's models for prediction."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ import torch
 
 from wsi_mil import __version__
 from wsi_mil.errors import FeatureContractError, RunFolderError
+from wsi_mil.inference import (
+    RunLayout,
+    load_model,
+    predict_features,
+    read_model_card,
+    save_predictions,
+)
 from wsi_mil.models.dsmil import DSMIL
-from wsi_mil.training import evaluate_run, load_model_from_run, predict, train_cohort
+from wsi_mil.training import evaluate_run, train_cohort
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 from wsi_mil.training.cohort import Cohort
 from wsi_mil.training.config import TrainConfig, load_config
 from wsi_mil.training.metrics import SCALAR_METRICS
-from wsi_mil.training.run import RunLayout, read_model_card, save_predictions
 from wsi_mil.training.splits import load_split
 
 
@@ -26,7 +33,7 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, bag_factory):
+def trained(tmp_path_factory, bag_factory, one_torch_thread):
     """One finished 2-fold run on a 40-slide cohort (shared by the read-only tests below)."""
     root = tmp_path_factory.mktemp("trained")
     bags = bag_factory(40, seed=11)
@@ -37,12 +44,8 @@ def trained(tmp_path_factory, bag_factory):
         model_kwargs={"hidden_dim": 32, "attention_dim": 16, "dropout": 0.0}, folds=2, epochs=6, lr=5e-3,
         bootstrap_samples=50, top_k_tiles=3, device="cpu",
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         metrics = train_cohort(config, root / "run")
-    finally:
-        torch.set_num_threads(threads)
     return root, config, metrics
 
 
@@ -123,45 +126,55 @@ def test_load_model_picks_the_best_validation_fold_and_predict_matches(trained):
     root, _, _ = trained
     cards = [read_model_card(root / "run" / f"fold_{k}" / "model_card.json") for k in (0, 1)]
     best = max(cards, key=lambda c: (c.metrics["val"]["roc_auc_macro"], -c.fold))
-    model, card = load_model_from_run(root / "run")
-    assert card.fold == best.fold and not model.training
+    loaded = load_model(root / "run")
+    card = loaded.card
+    assert card.fold == best.fold and not loaded.model.training
     split = load_split(root / "run" / "splits" / f"fold_{card.fold}.csv", fold=card.fold)
     slide_id = split.test[0]
-    [prediction] = predict(root / "run", [root / "features" / f"{slide_id}.h5"])
-    assert prediction.slide_id == slide_id and prediction.fold == card.fold
-    assert sum(prediction.probabilities.values()) == pytest.approx(1.0)
-    assert prediction.attention.shape == (len(prediction.coords),)
+    result = predict_features(root / "features" / f"{slide_id}.h5", loaded)
+    prediction = result.prediction
+    assert result.slide_id == slide_id and prediction.fold == card.fold
+    assert sum(prediction.class_probabilities.values()) == pytest.approx(1.0)
+    assert prediction.attention.shape == (len(result.coords),)
     assert prediction.attention.sum() == pytest.approx(1.0, abs=1e-5)
     with (root / "run" / "predictions.csv").open(newline="") as handle:
         row = next(r for r in csv.DictReader(handle) if r["slide_id"] == slide_id and r["split"] == "test")
     assert int(row["fold"]) == card.fold
-    assert prediction.probabilities["tumour"] == pytest.approx(float(row["prob_tumour"]), abs=1e-6)
+    assert prediction.class_probabilities["tumour"] == pytest.approx(float(row["prob_tumour"]), abs=1e-6)
     with pytest.raises(RunFolderError, match=r"no finished fold 7.*\[0, 1\]"):
-        load_model_from_run(root / "run", 7)
+        load_model(root / "run", fold=7)
+    fold_folder = load_model(root / "run" / f"fold_{card.fold}")
+    assert fold_folder.card == card and fold_folder.weights_sha256 == loaded.weights_sha256
+    with pytest.raises(RunFolderError, match="holds no model"):
+        load_model(root / "features")
 
 
 def test_predict_refuses_mismatched_features(trained, tmp_path, bag_factory):
     root, _, _ = trained
     write_feature_cohort(bag_factory(2, dim=12), tmp_path / "wide", tmp_path / "a.csv")
+    loaded = load_model(root / "run")
     with pytest.raises(FeatureContractError, match="12-d features, the model expects 8-d"):
-        predict(root / "run", [tmp_path / "wide" / "slide_000.h5"])
+        predict_features(tmp_path / "wide" / "slide_000.h5", loaded)
     write_feature_cohort(bag_factory(2, dim=8), tmp_path / "uni", tmp_path / "b.csv", encoder="uni")
-    with pytest.raises(FeatureContractError, match="encoder='uni', the model expects encoder='synthetic'"):
-        predict(root / "run", [tmp_path / "uni" / "slide_000.h5"])
+    with pytest.raises(FeatureContractError, match="encoder='uni', the model expects encoder='synthetic'; re-extract with --encoder synthetic"):
+        predict_features(tmp_path / "uni" / "slide_000.h5", loaded)
 
 
 def test_save_predictions_csv_and_json(trained, tmp_path):
     root, _, _ = trained
-    predictions = predict(root / "run", [root / "features" / "slide_000.h5", root / "features" / "slide_001.h5"], fold=0)
+    loaded = load_model(root / "run", fold=0)
+    predictions = [predict_features(root / "features" / f"slide_00{i}.h5", loaded) for i in (0, 1)]
     save_predictions(predictions, tmp_path / "p.json")
     payload = json.loads((tmp_path / "p.json").read_text())
     assert [p["slide_id"] for p in payload] == ["slide_000", "slide_001"]
-    assert len(payload[0]["attention"]) == len(payload[0]["coords"]) == len(predictions[0].attention)
+    scores = payload[0]["tile_scores"]
+    assert len(scores["attention"]) == len(payload[0]["coords"]) == predictions[0].prediction.num_tiles
+    assert set(scores) == {"attention", "attention_logits"} and payload[0]["fold"] == 0
     save_predictions(predictions, tmp_path / "p.csv")
     with (tmp_path / "p.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == sum(len(p.attention) for p in predictions)
-    assert {"slide_id", "prob_benign", "prob_tumour", "tile_index", "x", "y", "attention"} <= set(rows[0])
+    assert len(rows) == sum(p.prediction.num_tiles for p in predictions)
+    assert {"slide_id", "prob_benign", "prob_tumour", "tile_index", "x", "y", "attention", "attention_logits"} <= set(rows[0])
 
 
 def test_interrupted_run_resumes_to_the_same_metrics(write_cohort, tmp_path):

@@ -10,9 +10,9 @@ import torch
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import create_model
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.config import TrainConfig
 from wsi_mil.training.methods import create_method
-from wsi_mil.training.methods.base import Bag
 from wsi_mil.training.metrics import classification_metrics
 from wsi_mil.training.trainer import fit, predict_bags, warmup_cosine_factor
 

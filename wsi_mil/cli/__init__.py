@@ -13,8 +13,10 @@ def main() -> None:
 
 def _register_commands() -> None:
     """Import the command modules; each adds its commands to `app` on import."""
+    from wsi_mil.cli import encoders as _encoders  # noqa: F401
     from wsi_mil.cli import export as _export  # noqa: F401
     from wsi_mil.cli import models as _models  # noqa: F401
+    from wsi_mil.cli import predict as _predict  # noqa: F401
     from wsi_mil.cli import preprocess as _preprocess  # noqa: F401
     from wsi_mil.cli import serve as _serve  # noqa: F401
     from wsi_mil.cli import train as _train  # noqa: F401

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-import wsi_mil.models.reference  # noqa: F401  (registers mi_net and multi_concept_mil)
+from wsi_mil.atomic import write_text_atomic
 from wsi_mil.checks.generators import CHECK_NAMES
 from wsi_mil.checks.runner import DEFAULT_EPOCHS, FAST_EPOCHS, FAST_SEEDS, run_mil_check
 from wsi_mil.cli._app import app, console
@@ -70,6 +70,5 @@ def check_mil(
         console.print(f"  {result.test}: {result.verdict} ({result.reason})")
     console.print(f"{report.seconds:.1f} s")
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(report.to_json() + "\n")
+        write_text_atomic(json_path, report.to_json() + "\n")
         console.print(f"report written to {json_path}")

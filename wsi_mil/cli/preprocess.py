@@ -183,14 +183,16 @@ def inspect(path: Annotated[Path, typer.Argument(help="a slide, or a feature fil
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="demo folder")] = Path("demo_out"),
-    slides: Annotated[int, typer.Option(help="number of synthetic slides (4-6 recommended)")] = 6,
+    slides: Annotated[int, typer.Option(min=6, help="synthetic slides, half with a lesion (3-fold cross-validation needs 6 or more)")] = 6,
+    size: Annotated[int, typer.Option(min=1024, help="side of each synthetic slide in pixels at 0.5 µm/px")] = 3072,
     encoder: Annotated[str, typer.Option(help="encoder (random weights)")] = "resnet50-trunc",
-    epochs: Annotated[int, typer.Option(help="training epochs per fold")] = 30,
+    epochs: Annotated[int, typer.Option(help="training epochs per fold")] = 100,
     serve: Annotated[bool, typer.Option(help="end by serving the demo model (Ctrl-C stops)")] = True,
     host: Annotated[str, typer.Option(help="service host")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="service port")] = 8000,
 ) -> None:
     """The main job on a built-in demo: synthetic slides → features → a trained model → the service."""
+    from wsi_mil.cli.train import print_held_out_predictions, print_metrics
     from wsi_mil.demo.run import preprocess_demo, serve_demo, train_demo
 
     try:
@@ -198,17 +200,17 @@ def demo(
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             overall = progress.add_task("slides", total=slides)
-            cohort, results = preprocess_demo(out, slides=slides, encoder=encoder,
+            cohort, results = preprocess_demo(out, slides=slides, encoder=encoder, size=size,
                                               on_result=lambda _r: progress.advance(overall))
         _print_summary(results, out / "preprocessed")
         console.print(f"slides: {out / 'slides'}   QC thumbnails: {out / 'preprocessed' / 'qc'}")
         if any(r.status == "failed" for r in results):
             raise typer.Exit(1)
         console.rule("wsi-mil demo 2/3: train ABMIL, 3-fold cross-validation")
-        run = train_demo(out, epochs=epochs)
-        metrics = json.loads((run / "metrics.json").read_text())
-        console.print(f"run folder: {run}   metrics: {run / 'metrics.json'}")
-        console.print_json(json.dumps(metrics.get("summary", metrics), default=str)[:4000])
+        metrics = train_demo(out, epochs=epochs)
+        print_metrics(metrics)
+        print_held_out_predictions(out / "run")
+        console.print(f"run folder: {out / 'run'}   metrics: {out / 'run' / 'metrics.json'}")
         if serve:
             console.rule("wsi-mil demo 3/3: the service, one slide job, the viewer")
             serve_demo(out, cohort, host=host, port=port, console=console, keep_serving=True)

@@ -1,9 +1,9 @@
-"""`wsi-mil train`, `evaluate`, `predict` and `localise`: thin shells over `wsi_mil.training`."""
+"""`wsi-mil train`, `evaluate` and `localise`: thin shells over `wsi_mil.training`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -18,16 +18,9 @@ from rich.table import Table
 
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
-from wsi_mil.training.config import load_config
-from wsi_mil.training.localisation import (
-    localise_run,
-    read_regions,
-    save_localisation,
-    summarise_localisation,
-)
-from wsi_mil.training.metrics import SCALAR_METRICS
-from wsi_mil.training.run import evaluate_run, predict, save_predictions, train_cohort
-from wsi_mil.training.trainer import EpochReport
+
+if TYPE_CHECKING:
+    from wsi_mil.training.trainer import EpochReport
 
 
 @app.command()
@@ -52,6 +45,8 @@ def train(
     ignore_unlabelled: Annotated[bool | None, typer.Option("--ignore-unlabelled", help="ignore feature files without a label")] = None,
 ) -> None:
     """Train cross-validated MIL models on a cohort of feature files into a run folder."""
+    from wsi_mil.training import load_config, train_cohort
+
     overrides: dict[str, Any] = {
         "features_dir": features, "labels_csv": labels, "model": model, "method": method, "folds": folds,
         "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "max_instances": max_instances,
@@ -79,44 +74,21 @@ def train(
     except WsiMilError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    _print_metrics(metrics)
+    print_metrics(metrics)
     console.print(f"run folder: {out}")
 
 
 @app.command()
 def evaluate(run: Annotated[Path, typer.Argument(help="a run folder made by wsi-mil train")]) -> None:
     """Recompute a run's metrics, predictions and plots from its saved checkpoints."""
+    from wsi_mil.training import evaluate_run
+
     try:
         metrics = evaluate_run(run)
     except WsiMilError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    _print_metrics(metrics)
-
-
-@app.command("predict")
-def predict_command(
-    run: Annotated[Path, typer.Argument(help="a run folder made by wsi-mil train")],
-    features: Annotated[list[Path], typer.Argument(help="feature files (.h5 / .pt) to predict")],
-    out: Annotated[Path | None, typer.Option("--out", help="write predictions to a .csv (one row per tile) or .json")] = None,
-    fold: Annotated[int | None, typer.Option(help="fold whose model to use (default: best by validation)")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N]")] = "cpu",
-) -> None:
-    """Predict slides with a run's model: class probabilities and attention per tile."""
-    try:
-        predictions = predict(run, features, fold=fold, device=device)
-        if out is not None:
-            save_predictions(predictions, out)
-    except WsiMilError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
-    table = Table("slide", "fold", "predicted", "probabilities", "tiles")
-    for p in predictions:
-        probs = ", ".join(f"{name} {value:.3f}" for name, value in p.probabilities.items())
-        table.add_row(p.slide_id, str(p.fold), p.predicted, probs, str(len(p.attention)))
-    console.print(table)
-    if out is not None:
-        console.print(f"predictions written to {out}")
+    print_metrics(metrics)
 
 
 @app.command()
@@ -130,6 +102,13 @@ def localise(
 ) -> None:
     """Instance-level AUC of attention for the tiles inside known regions, each slide scored by the
     fold model that held it out."""
+    from wsi_mil.training.localisation import (
+        localise_run,
+        read_regions,
+        save_localisation,
+        summarise_localisation,
+    )
+
     try:
         slides = localise_run(run, features, read_regions(regions), min_overlap=min_overlap, device=device)
     except WsiMilError as err:
@@ -151,7 +130,10 @@ def localise(
         console.print(f"written to {out}")
 
 
-def _print_metrics(metrics: dict[str, Any]) -> None:
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """One table per part (val, test): each scalar metric's mean ± sd over folds."""
+    from wsi_mil.training.metrics import SCALAR_METRICS
+
     for part, summary in metrics.get("summary", {}).items():
         table = Table("metric", "mean", "sd", "folds", title=f"{part} (mean ± sd over folds)")
         for name in SCALAR_METRICS:
@@ -161,3 +143,23 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             else:
                 table.add_row(name, f"{entry['mean']:.4f}", f"{entry['sd']:.4f}", str(entry["n_folds"]))
         console.print(table)
+
+
+def print_held_out_predictions(run: Path) -> None:
+    """A table of every slide's prediction by the fold model that held it out (its test part)."""
+    import csv
+
+    from wsi_mil.inference.loading import RunLayout
+
+    with RunLayout(run).predictions.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    if not rows:
+        return
+    classes = [key.removeprefix("prob_") for key in rows[0] if key.startswith("prob_")]
+    table = Table("slide", "label", "predicted", *[f"p({name})" for name in classes], "fold",
+                  title="held-out predictions (each slide by the fold that did not train on it)")
+    for row in sorted(rows, key=lambda r: r["slide_id"]):
+        style = "green" if row["predicted"] == row["label"] else "red"
+        table.add_row(row["slide_id"], row["label"], f"[{style}]{row['predicted']}[/{style}]",
+                      *[f"{float(row[f'prob_{name}']):.3f}" for name in classes], row["fold"])
+    console.print(table)

@@ -8,14 +8,14 @@ so that tests and the demo can check that tiles, attention and heatmaps land on 
 from __future__ import annotations
 
 import csv
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from scipy import ndimage
+
+from wsi_mil.atomic import atomic_open, atomic_path, write_json_atomic
 
 STROMA_RGB = np.array([232, 168, 196], dtype=np.float32)
 NUCLEUS_RGB = np.array([118, 62, 150], dtype=np.float32)
@@ -86,32 +86,26 @@ def write_pyramidal_tiff(
     """Write `pixels` as a tiled JPEG TIFF pyramid (halving per level) that OpenSlide opens.
 
     The resolution tags carry the mpp (pixels per centimetre), which OpenSlide reports as
-    `openslide.mpp-x`. Written to a temporary name and renamed into place.
+    `openslide.mpp-x`. Written atomically.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tifffile.TiffWriter(tmp) as writer:
-            level, factor = pixels, 1
-            while True:
-                px_per_cm = 1e4 / (mpp * factor)
-                writer.write(
-                    level,
-                    tile=(tile, tile),
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    photometric="rgb",
-                    resolution=(px_per_cm, px_per_cm),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if factor == 1 else 1,
-                    software="wsi-mil demo",
-                )
-                if min(level.shape[:2]) // 2 < min_level_size:
-                    break
-                level, factor = level[::2, ::2], factor * 2
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as temp, tifffile.TiffWriter(temp) as writer:
+        level, factor = pixels, 1
+        while True:
+            px_per_cm = 1e4 / (mpp * factor)
+            writer.write(
+                level,
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if factor == 1 else 1,
+                software="wsi-mil demo",
+            )
+            if min(level.shape[:2]) // 2 < min_level_size:
+                break
+            level, factor = level[::2, ::2], factor * 2
 
 
 def write_synthetic_slide(
@@ -153,9 +147,9 @@ def make_demo_cohort(
         if not path.exists():
             write_synthetic_slide(path, width=size, height=size, mpp=mpp, seed=seed * 1000 + i, lesion_box=box)
         slides.append(DemoSlide(slide_id, str(path), "tumor" if positive else "normal", box, mpp, size, size))
-    with open(out / "labels.csv", "w", newline="") as fh:
+    with atomic_open(out / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["slide_id", "label", "case_id"])
         writer.writerows([s.slide_id, s.label, f"case_{s.slide_id}"] for s in slides)
-    (out / "cohort.json").write_text(json.dumps([asdict(s) for s in slides], indent=2))
+    write_json_atomic([asdict(s) for s in slides], out / "cohort.json")
     return slides

@@ -16,4 +16,5 @@ from wsi_mil.models.registry import create_model as create_model
 from wsi_mil.models.registry import is_model as is_model
 from wsi_mil.models.registry import list_models as list_models
 from wsi_mil.models.registry import model_entry as model_entry
+from wsi_mil.models.registry import model_options as model_options
 from wsi_mil.models.registry import register_model as register_model

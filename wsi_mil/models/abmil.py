@@ -17,6 +17,8 @@ Deviations from the official code:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -70,71 +72,21 @@ class ABMIL(MILModel):
 
 
 @register_model
-def abmil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    attention_dim: int = 256,
-    gated: bool = True,
-    dropout: float = 0.25,
-    attention_dropout: float = 0.25,
-) -> ABMIL:
+def abmil(in_dim: int, num_classes: int, **options: Any) -> ABMIL:
     """ABMIL, CLAM-style WSI configuration: D→512 FC, gated attention 256, dropout 0.25.
 
     `attention_dim=384` gives CLAM's "big" size; `gated=False` CLAM's plain `Attn_Net`.
     """
-    return ABMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        gated=gated,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-    )
+    return ABMIL(in_dim, num_classes, **options)
 
 
-@register_model
-def abmil_plain(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    attention_dim: int = 256,
-    dropout: float = 0.25,
-    attention_dropout: float = 0.25,
-) -> ABMIL:
+@register_model(gated=False)
+def abmil_plain(in_dim: int, num_classes: int, **options: Any) -> ABMIL:
     """ABMIL, CLAM-style WSI configuration with plain (non-gated) tanh attention."""
-    return ABMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        gated=False,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-    )
+    return ABMIL(in_dim, num_classes, **options)
 
 
-@register_model
-def abmil_ilse(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 500,
-    attention_dim: int = 128,
-    gated: bool = False,
-    dropout: float = 0.0,
-    attention_dropout: float = 0.0,
-) -> ABMIL:
+@register_model(hidden_dim=500, attention_dim=128, gated=False, dropout=0.0, attention_dropout=0.0)
+def abmil_ilse(in_dim: int, num_classes: int, **options: Any) -> ABMIL:
     """ABMIL as in Ilse et al. 2018: D→500 FC, attention 128, no dropout (`gated=True`: gated)."""
-    return ABMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        gated=gated,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-    )
+    return ABMIL(in_dim, num_classes, **options)

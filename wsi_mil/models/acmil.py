@@ -31,6 +31,8 @@ argparse default is 0, no STKIM). Scripts from before upstream commit 5eaa854 (2
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,23 +174,6 @@ class ACMIL(MILModel):
 
 
 @register_model
-def acmil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int | None = None,
-    attention_dim: int = 128,
-    num_branches: int = 5,
-    mask_top_k: int = 10,
-    mask_drop: float = 0.6,
-) -> ACMIL:
+def acmil(in_dim: int, num_classes: int, **options: Any) -> ACMIL:
     """ACMIL (gated attention): 5 branches, STKIM top-10 with drop 0.6; hidden_dim None = D/2."""
-    return ACMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        num_branches=num_branches,
-        mask_top_k=mask_top_k,
-        mask_drop=mask_drop,
-    )
+    return ACMIL(in_dim, num_classes, **options)

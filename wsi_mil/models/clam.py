@@ -31,7 +31,7 @@ Deviations from the official code (bugs fixed):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -215,65 +215,13 @@ class CLAM(MILModel):
         return {"instance_clustering": scale * per_bag.mean()}
 
 
-@register_model
-def clam_sb(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    attention_dim: int = 256,
-    gated: bool = True,
-    dropout: float = 0.25,
-    attention_dropout: float = 0.25,
-    k_sample: int = 8,
-    instance_loss: InstanceLoss = "ce",
-    subtyping: bool = False,
-    bag_weight: float = 0.7,
-) -> CLAM:
+@register_model(multi_branch=False)
+def clam_sb(in_dim: int, num_classes: int, **options: Any) -> CLAM:
     """CLAM single-branch: gated attention + instance clustering (B = 8, bag weight 0.7)."""
-    return CLAM(
-        in_dim,
-        num_classes,
-        multi_branch=False,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        gated=gated,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        k_sample=k_sample,
-        instance_loss=instance_loss,
-        subtyping=subtyping,
-        bag_weight=bag_weight,
-    )
+    return CLAM(in_dim, num_classes, **options)
 
 
-@register_model
-def clam_mb(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    attention_dim: int = 256,
-    gated: bool = True,
-    dropout: float = 0.25,
-    attention_dropout: float = 0.25,
-    k_sample: int = 8,
-    instance_loss: InstanceLoss = "ce",
-    subtyping: bool = False,
-    bag_weight: float = 0.7,
-) -> CLAM:
+@register_model(multi_branch=True)
+def clam_mb(in_dim: int, num_classes: int, **options: Any) -> CLAM:
     """CLAM multi-branch: one attention branch and one classifier per class + instance clustering."""
-    return CLAM(
-        in_dim,
-        num_classes,
-        multi_branch=True,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        gated=gated,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        k_sample=k_sample,
-        instance_loss=instance_loss,
-        subtyping=subtyping,
-        bag_weight=bag_weight,
-    )
+    return CLAM(in_dim, num_classes, **options)

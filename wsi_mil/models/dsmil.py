@@ -29,7 +29,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -157,27 +157,6 @@ class DSMIL(MILModel):
 
 
 @register_model
-def dsmil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    query_dim: int = 128,
-    nonlinear_query: bool = True,
-    passing_v: bool = False,
-    value_dropout: float = 0.0,
-    bag_weight: float = 0.5,
-    bag_loss: StreamLoss = "bce",
-    max_instance_loss: StreamLoss = "bce",
-) -> DSMIL:
+def dsmil(in_dim: int, num_classes: int, **options: Any) -> DSMIL:
     """DSMIL: max-instance stream + critical-instance attention bag stream (0.5/0.5 BCE loss mix)."""
-    return DSMIL(
-        in_dim,
-        num_classes,
-        query_dim=query_dim,
-        nonlinear_query=nonlinear_query,
-        passing_v=passing_v,
-        value_dropout=value_dropout,
-        bag_weight=bag_weight,
-        bag_loss=bag_loss,
-        max_instance_loss=max_instance_loss,
-    )
+    return DSMIL(in_dim, num_classes, **options)

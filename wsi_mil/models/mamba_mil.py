@@ -35,6 +35,7 @@ dropout 0 (survival scripts: 0.25).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -234,37 +235,10 @@ class MambaMIL(MILModel):
 
 
 @register_model
-def mamba_mil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    attention_dim: int = 128,
-    num_layers: int = 2,
-    rate: int = 5,
-    state_dim: int = 16,
-    conv_kernel: int = 4,
-    expand: int = 2,
-    dropout: float = 0.0,
-    activation: str = "gelu",
-    mamba_init: bool = False,
-) -> MambaMIL:
+def mamba_mil(in_dim: int, num_classes: int, **options: Any) -> MambaMIL:
     """MambaMIL (SR-Mamba blocks + attention pooling); order-dependent, CPU selective scan.
 
     `rate` is the SR-Mamba reordering rate R (shipped scripts 5); `mamba_init=True` keeps
     Mamba's Δ initialisation instead of the official xavier re-init.
     """
-    return MambaMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        num_layers=num_layers,
-        rate=rate,
-        state_dim=state_dim,
-        conv_kernel=conv_kernel,
-        expand=expand,
-        dropout=dropout,
-        activation=activation,
-        mamba_init=mamba_init,
-    )
+    return MambaMIL(in_dim, num_classes, **options)

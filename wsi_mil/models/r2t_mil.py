@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -408,53 +409,10 @@ def _check_options(
 
 
 @register_model
-def r2t_mil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    attention_dim: int = 128,
-    activation: str = "relu",
-    attention_activation: str = "tanh",
-    dropout: float = 0.25,
-    transformer_dropout: float = 0.1,
-    num_rmsa_layers: int = 1,
-    num_heads: int = 8,
-    epeg_kernel: int = 15,
-    crmsa_k: int = 3,
-    crmsa_heads: int = 8,
-    crmsa_mlp: bool = False,
-    all_shortcut: bool = False,
-    region_num: int = 8,
-    region_size: int = 0,
-    large_bag_threshold: int = 20000,
-    large_bag_region_size: int = 12,
-    mask_grid_padding: bool = True,
-) -> R2TMIL:
+def r2t_mil(in_dim: int, num_classes: int, **options: Any) -> R2TMIL:
     """R²T-MIL (R-MSA with EPEG + CR-MSA re-embedding, then ABMIL); order-dependent.
 
     Per-dataset README settings change `epeg_kernel`, `crmsa_k`, `crmsa_heads`, `all_shortcut`
     and `crmsa_mlp`; bags above `large_bag_threshold` use regions of side `large_bag_region_size`.
     """
-    return R2TMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        activation=activation,
-        attention_activation=attention_activation,
-        dropout=dropout,
-        transformer_dropout=transformer_dropout,
-        num_rmsa_layers=num_rmsa_layers,
-        num_heads=num_heads,
-        epeg_kernel=epeg_kernel,
-        crmsa_k=crmsa_k,
-        crmsa_heads=crmsa_heads,
-        crmsa_mlp=crmsa_mlp,
-        all_shortcut=all_shortcut,
-        region_num=region_num,
-        region_size=region_size,
-        large_bag_threshold=large_bag_threshold,
-        large_bag_region_size=large_bag_region_size,
-        mask_grid_padding=mask_grid_padding,
-    )
+    return R2TMIL(in_dim, num_classes, **options)

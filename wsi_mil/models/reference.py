@@ -18,6 +18,8 @@ placement, no deep supervision, and a two-logit binary head built from a single 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -159,21 +161,12 @@ class MultiConceptMIL(MILModel):
 
 
 @register_model
-def mi_net(in_dim: int, num_classes: int, *, hidden_dim: int = 64, dropout: float = 0.0) -> MiNet:
+def mi_net(in_dim: int, num_classes: int, **options: Any) -> MiNet:
     """mi-Net reference: instance MLP scores, max over instances; respects the MIL assumption."""
-    return MiNet(in_dim, num_classes, hidden_dim=hidden_dim, dropout=dropout)
+    return MiNet(in_dim, num_classes, **options)
 
 
 @register_model
-def multi_concept_mil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 64,
-    num_concepts: int = 16,
-    dropout: float = 0.0,
-) -> MultiConceptMIL:
+def multi_concept_mil(in_dim: int, num_classes: int, **options: Any) -> MultiConceptMIL:
     """Monotone multi-concept reference: K max-pooled concepts, non-negative combiner."""
-    return MultiConceptMIL(
-        in_dim, num_classes, hidden_dim=hidden_dim, num_concepts=num_concepts, dropout=dropout
-    )
+    return MultiConceptMIL(in_dim, num_classes, **options)

@@ -53,7 +53,7 @@ instance), through that layer's output projection (without its dropout) and the 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -393,27 +393,6 @@ class TransMIL(MILModel):
 
 
 @register_model
-def transmil(
-    in_dim: int,
-    num_classes: int,
-    *,
-    hidden_dim: int = 512,
-    num_heads: int = 8,
-    num_landmarks: int = 256,
-    pinv_iterations: int = 6,
-    residual_kernel: int = 33,
-    dropout: float = 0.1,
-    nystrom_padding: NystromPadding = "masked",
-) -> TransMIL:
+def transmil(in_dim: int, num_classes: int, **options: Any) -> TransMIL:
     """TransMIL: Nyström transformer (2 layers, 8 heads, 256 landmarks) with PPEG; order-dependent."""
-    return TransMIL(
-        in_dim,
-        num_classes,
-        hidden_dim=hidden_dim,
-        num_heads=num_heads,
-        num_landmarks=num_landmarks,
-        pinv_iterations=pinv_iterations,
-        residual_kernel=residual_kernel,
-        dropout=dropout,
-        nystrom_padding=nystrom_padding,
-    )
+    return TransMIL(in_dim, num_classes, **options)

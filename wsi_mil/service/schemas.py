@@ -315,6 +315,43 @@ class ScoresPublic(BaseModel):
     scores: dict[str, list[float]]
 
 
+class LegendTickPublic(BaseModel):
+    """One tick of a heatmap's colour bar."""
+
+    position: float = Field(ge=0, le=1, description="place on the colour bar, 0 (left) to 1 (right)")
+    value: float = Field(description="the score drawn in that colour")
+    label: str = Field(description="the tick in the scale's unit: ×ratio, rank or score")
+
+
+class HeatmapLegendPublic(BaseModel):
+    """The colour bar of a heatmap: its colours and the score at each tick."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": _JOB_ID_EXAMPLE,
+                    "score": "attention",
+                    "scale": "relative",
+                    "cmap": "jet",
+                    "colors": ["rgba(0, 0, 127, 0.00)", "rgba(127, 0, 0, 1.00)"],
+                    "ticks": [
+                        {"position": 0.0, "value": 0.004, "label": "×1"},
+                        {"position": 1.0, "value": 0.064, "label": "×16"},
+                    ],
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    score: str = Field(description="which score is drawn", examples=["attention"])
+    scale: str
+    cmap: str
+    colors: list[str] = Field(description="CSS colours evenly spaced along the bar (with opacity)")
+    ticks: list[LegendTickPublic]
+
+
 class TopTilesPublic(BaseModel):
     """The highest-scoring tiles of a job's slide, highest first."""
 

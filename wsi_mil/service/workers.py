@@ -1,107 +1,41 @@
-"""The slide-job worker pool: preprocess a slide with the model card's contract, run the model, store results.
+"""The slide-job worker pool: threads that take queued jobs, run `predict_slide` and keep job state.
 
 Threads, not processes: the heavy parts (OpenSlide decoding, the encoder and the MIL model in
 torch, HDF5 I/O) release the GIL, so threads run them in parallel while sharing one copy of every
 loaded model and encoder; progress and cancellation are plain shared state, and nothing has to
-be pickled. A job's results are built in `jobs/<id>.tmp-*` and renamed to `jobs/<id>` in one step,
-so a reader never sees half a result. Jobs left `running` by a stopped service are re-queued at
-start-up, and expired jobs are purged with their files.
+be pickled. The slide's steps (preprocess, predict, tile scores) are `wsi_mil.inference`'s; a job's
+files are `job_files`'. Jobs left `running` by a stopped service are re-queued at start-up, and
+expired jobs are purged with their files.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from wsi_mil.errors import JobCancelledError, WsiMilError
+from wsi_mil.inference.predict import predict_slide
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder
-from wsi_mil.preprocessing.feature_file import FeatureBag, read_feature_file
-from wsi_mil.preprocessing.pipeline import (
-    OutputPaths,
-    PreprocessConfig,
-    SlideResult,
-    preprocess_slide,
-)
-from wsi_mil.preprocessing.slide import open_slide
-from wsi_mil.service.deepzoom import DeepZoomCache, slide_bounds
-from wsi_mil.service.heatmaps import TileScores, canvas_size
-from wsi_mil.service.inference import BagPrediction, predict_bag
+from wsi_mil.service.deepzoom import DeepZoomCache
+from wsi_mil.service.job_files import JobPaths, save_job_results
 from wsi_mil.service.job_store import JobRecord, JobStore
-from wsi_mil.service.model_registry import ModelRegistry, ServedModel
+from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
 from wsi_mil.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-THUMBNAIL_MAX_SIZE = 2048
 ENCODER_CACHE_SIZE = 2
 # Share of a job's progress bar before feature extraction starts and after it ends.
 _PROGRESS_FEATURES_START = 0.1
 _PROGRESS_FEATURES_END = 0.9
-
-
-@dataclass(frozen=True)
-class JobPaths:
-    """Where one job's files live under the data folder."""
-
-    data_dir: Path
-    job_id: str
-
-    @property
-    def upload_dir(self) -> Path:
-        """Where an uploaded slide is kept until the job expires."""
-        return self.data_dir / "uploads" / self.job_id
-
-    @property
-    def work_dir(self) -> Path:
-        """Scratch folder of the running job (preprocessing outputs)."""
-        return self.data_dir / "work" / self.job_id
-
-    @property
-    def result_dir(self) -> Path:
-        """The finished job's results (renamed into place in one step)."""
-        return self.data_dir / "jobs" / self.job_id
-
-    @property
-    def features(self) -> Path:
-        """The slide's feature file."""
-        return self.result_dir / "features.h5"
-
-    @property
-    def scores(self) -> Path:
-        """Per-tile scores (`TileScores` .npz)."""
-        return self.result_dir / "scores.npz"
-
-    @property
-    def prediction(self) -> Path:
-        """The slide-level result as JSON."""
-        return self.result_dir / "prediction.json"
-
-    @property
-    def thumbnail(self) -> Path:
-        """The slide thumbnail heatmaps are drawn on."""
-        return self.result_dir / "thumbnail.png"
-
-    @property
-    def tissue_mask(self) -> Path:
-        """The tissue mask heatmaps are clipped to."""
-        return self.result_dir / "tissue_mask.png"
-
-    def remove_all(self) -> None:
-        """Delete the job's upload, scratch and result folders (missing ones are fine)."""
-        for folder in (self.upload_dir, self.work_dir, self.result_dir):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 class EncoderCache:
@@ -280,26 +214,13 @@ class WorkerPool:
         if self.store.is_cancel_requested(job_id):
             raise JobCancelledError("the job was cancelled")
 
-    def _config_for(self, served: ServedModel) -> PreprocessConfig:
-        if served.preprocessing is None or served.slide_job_problem is not None:
-            raise WsiMilError(
-                f"model {served.name!r} cannot run slide jobs: {served.slide_job_problem}"
-            )
-        return served.preprocessing.model_copy(
-            update={
-                "batch_size": self.settings.batch_size,
-                "num_workers": self.settings.tile_workers,
-                "device": str(served.device),
-            }
-        )
-
     def _process(self, job: JobRecord, paths: JobPaths) -> dict[str, Any]:
-        served = self.registry.get(job.model)
-        config = self._config_for(served)
+        model = self.registry.get(job.model)
+        config = model.slide_config()
         shutil.rmtree(paths.work_dir, ignore_errors=True)
         self._check_continue(job.id)
         self.store.update_progress(job.id, 0.02, stage="loading encoder")
-        encoder = self.encoders.get(config.encoder, weights=config.weights, device=served.device)
+        encoder = self.encoders.get(config.encoder, weights=config.weights, device=model.device)
         self._check_continue(job.id)
         self.store.update_progress(job.id, 0.05, stage="tissue and tiling")
         last_report = [0.0]
@@ -314,87 +235,21 @@ class WorkerPool:
                     job.id, _PROGRESS_FEATURES_START + share * done / total, stage="features"
                 )
 
-        slide_id = Path(job.slide_name).stem or "slide"
-        outcome = preprocess_slide(
-            job.slide_path,
-            paths.work_dir,
-            config,
-            slide_id=slide_id,
-            mpp_override=job.mpp_override,
-            encoder=encoder,
-            on_tiles=on_tiles,
-        )
-        self._check_continue(job.id)
-        if outcome.status == "no_tissue":
-            raise WsiMilError(f"no tissue: {outcome.reason}")
-        if outcome.status != "done" or outcome.feature_path is None:
-            raise WsiMilError(outcome.reason or f"preprocessing ended with status {outcome.status}")
-        self.store.update_progress(job.id, 0.92, stage="model")
-        bag = read_feature_file(outcome.feature_path)
-        prediction = predict_bag(served, bag, source=job.slide_name)
-        if bag.coords is None or bag.tile_size_level0 is None:
-            raise WsiMilError("the feature file has no tile coordinates; heatmaps cannot be drawn")
+        try:
+            result = predict_slide(
+                job.slide_path,
+                model,
+                encoder=encoder,
+                out_dir=paths.work_dir,
+                slide_id=Path(job.slide_name).stem or "slide",
+                mpp_override=job.mpp_override,
+                batch_size=self.settings.batch_size,
+                num_workers=self.settings.tile_workers,
+                on_tiles=on_tiles,
+            )
+        except WsiMilError:
+            self._check_continue(job.id)  # a job stopped inside preprocessing reports the stop
+            raise
         self._check_continue(job.id)
         self.store.update_progress(job.id, 0.96, stage="saving results")
-        return self._write_results(
-            job,
-            paths,
-            served=served,
-            slide_id=slide_id,
-            outcome=outcome,
-            bag=bag,
-            prediction=prediction,
-        )
-
-    def _write_results(
-        self,
-        job: JobRecord,
-        paths: JobPaths,
-        *,
-        served: ServedModel,
-        slide_id: str,
-        outcome: SlideResult,
-        bag: FeatureBag,
-        prediction: BagPrediction,
-    ) -> dict[str, Any]:
-        work = OutputPaths(paths.work_dir, slide_id)
-        staging = paths.result_dir.with_name(f"{job.id}.tmp-{os.getpid()}-{threading.get_ident()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        with open_slide(job.slide_path, mpp_override=job.mpp_override) as slide:
-            width, height = slide.dimensions
-            bounds = slide_bounds(slide.properties, slide.dimensions)
-            thumbnail = slide.read_resampled(
-                canvas_size(width, height, max_size=THUMBNAIL_MAX_SIZE)
-            )
-        Image.fromarray(thumbnail).save(staging / paths.thumbnail.name)
-        scores = TileScores(
-            coords=bag.coords,
-            tile_size_level0=int(bag.tile_size_level0),
-            attention=prediction.attention,
-            maps=prediction.maps,
-            class_names=prediction.class_names,
-            slide_width=width,
-            slide_height=height,
-        )
-        scores.save(staging / paths.scores.name)
-        os.replace(outcome.feature_path, staging / paths.features.name)
-        if work.mask.exists():
-            os.replace(work.mask, staging / paths.tissue_mask.name)
-        result = {
-            "slide_id": slide_id,
-            "model": served.name,
-            **prediction.summary(),
-            "tile_size_level0": int(bag.tile_size_level0),
-            "mpp": outcome.mpp,
-            "mpp_source": outcome.mpp_source,
-            "slide_width": width,
-            "slide_height": height,
-            "bounds": list(bounds),
-            "timings": dict(outcome.timings),
-        }
-        (staging / paths.prediction.name).write_text(json.dumps(result, indent=2))
-        shutil.rmtree(paths.result_dir, ignore_errors=True)
-        os.replace(staging, paths.result_dir)
-        shutil.rmtree(paths.work_dir, ignore_errors=True)
-        return result
+        return save_job_results(paths, job, result)

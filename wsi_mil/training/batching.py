@@ -9,7 +9,8 @@ from typing import overload
 
 import torch
 
-from wsi_mil.training.methods.base import Bag, Batch
+from wsi_mil.training.bag import Bag
+from wsi_mil.training.methods.base import Batch
 
 
 def pad_bags(bags: Sequence[Bag]) -> Batch:

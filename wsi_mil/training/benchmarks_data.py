@@ -16,9 +16,10 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from wsi_mil.atomic import atomic_open
 from wsi_mil.errors import CohortError
 from wsi_mil.preprocessing.feature_file import FeatureProvenance, write_feature_file
-from wsi_mil.training.methods.base import Bag
+from wsi_mil.training.bag import Bag
 
 BENCHMARK_DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant")
 REPETITIONS = 5
@@ -187,7 +188,7 @@ def write_feature_cohort(
         case_id = case_ids[i] if case_ids is not None else bag.slide_id
         rows.append((bag.slide_id, names[bag.label], case_id))
     labels_csv.parent.mkdir(parents=True, exist_ok=True)
-    with labels_csv.open("w", newline="") as handle:
+    with atomic_open(labels_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "case_id"])
         writer.writerows(rows)

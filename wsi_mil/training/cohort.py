@@ -18,11 +18,13 @@ from typing import Any, overload
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from wsi_mil.errors import CohortError, FeatureFileError
+from wsi_mil.errors import CohortError, FeatureFileError, TrainingConfigError
+from wsi_mil.inference.card import CONTRACT_FLAGS, FeatureContract, recorded_preprocessing
 from wsi_mil.preprocessing.feature_file import read_feature_file, read_feature_meta
-from wsi_mil.training.methods.base import Bag
+from wsi_mil.preprocessing.pipeline import PreprocessConfig
+from wsi_mil.training.bag import Bag
+from wsi_mil.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +36,13 @@ SPLIT_NAMES = ("train", "val", "test")
 _MAX_LISTED = 10
 
 
-class FeatureContract(BaseModel):
-    """What features a model was trained on; the service refuses features that differ."""
-
-    model_config = ConfigDict(frozen=True)
-
-    encoder: str | None = None
-    feature_dim: int
-    target_mpp: float | None = None
-    tile_px: int | None = None
-    #: tile side in level-0 pixels; None when it differs between slides (it depends on slide mpp)
-    tile_size_level0: int | None = None
+#: how to make every slide of a cohort agree on a contract field; fields not named here may differ
+_SHARED_FIELD_FIXES = {
+    "feature_dim": "extract all slides with one encoder",
+    "encoder": f"extract all slides with one {CONTRACT_FLAGS['encoder']}, or point --features at one encoder's folder",
+    "target_mpp": f"extract all slides at one {CONTRACT_FLAGS['target_mpp']}",
+    "tile_px": f"extract all slides with one {CONTRACT_FLAGS['tile_px']}",
+}
 
 
 @dataclass(frozen=True)
@@ -172,13 +170,8 @@ def read_labels_csv(labels_csv: Path) -> list[LabelRow]:
 def _contract_from_meta(metas: dict[str, dict[str, Any]]) -> FeatureContract:
     """Check that all slides share one encoder, feature dim, target mpp and tile px; return them."""
     contract: dict[str, Any] = {}
-    for key, fix in (
-        ("feature_dim", "extract all slides with one encoder"),
-        ("encoder", "extract all slides with one encoder, or point --features at one encoder's folder"),
-        ("target_mpp", "extract all slides at one --target-mpp"),
-        ("tile_px", "extract all slides with one --tile-px"),
-        ("tile_size_level0", None),
-    ):
+    for key in FeatureContract.model_fields:
+        fix = _SHARED_FIELD_FIXES.get(key)
         groups: dict[Any, list[str]] = defaultdict(list)
         for slide_id, meta in metas.items():
             value = meta.get(key)
@@ -200,32 +193,12 @@ def _contract_from_meta(metas: dict[str, dict[str, Any]]) -> FeatureContract:
     return FeatureContract(**contract)
 
 
-#: provenance keys of the tissue record that describe the run, not the settings
-_TISSUE_RECORD_ONLY = ("method", "area_fraction")
-
-
-def _preprocessing_from_meta(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The preprocessing settings every slide shares (tissue, tiling, encoder, weights, precision),
-    as `PreprocessConfig` fields, so a service can reproduce the features from a slide; None when
-    the files do not record them (CLAM/TRIDENT/.pt) or the slides disagree."""
-    settings = []
-    for meta in metas.values():
-        tissue, tiling = meta.get("tissue"), meta.get("tiling")
-        if not isinstance(tissue, dict) or not isinstance(tiling, dict) or not meta.get("encoder"):
-            return None
-        weights = meta.get("encoder_weights")
-        settings.append(
-            {
-                "tissue": {k: v for k, v in tissue.items() if k not in _TISSUE_RECORD_ONLY},
-                "tiling": tiling,
-                "encoder": meta["encoder"],
-                # hub weights are found again by name; files and "random" are named explicitly
-                "weights": None if not weights or str(weights).startswith("hub:") else weights,
-                "precision": meta.get("precision", "auto"),
-            }
-        )
-    first = settings[0] if settings else None
-    return first if all(s == first for s in settings) else None
+def _shared_preprocessing(metas: dict[str, dict[str, Any]]) -> PreprocessConfig | None:
+    """The preprocessing every slide's file records, so slides can be turned into the same features
+    later; None when a file records none (CLAM/TRIDENT/.pt) or the slides disagree."""
+    configs = [recorded_preprocessing(meta) for meta in metas.values()]
+    first = configs[0] if configs else None
+    return first if first is not None and all(c == first for c in configs) else None
 
 
 class Cohort:
@@ -238,12 +211,12 @@ class Cohort:
         contract: FeatureContract,
         *,
         cache_size: int = 32,
-        preprocessing: dict[str, Any] | None = None,
+        preprocessing: PreprocessConfig | None = None,
     ) -> None:
         self.slides = list(slides)
         self.class_names = list(class_names)
         self.contract = contract
-        #: the shared preprocessing settings (`PreprocessConfig` fields), when the files record them
+        #: the preprocessing that made every slide's features, when the files record it
         self.preprocessing = preprocessing
         self.cache_size = cache_size
         self._by_id = {s.slide_id: s for s in self.slides}
@@ -370,7 +343,7 @@ def load_cohort(
         except FeatureFileError as err:
             raise CohortError(f"feature file of slide {row.slide_id!r} is unreadable: {err}") from err
     contract = _contract_from_meta(metas)
-    preprocessing = _preprocessing_from_meta(metas)
+    preprocessing = _shared_preprocessing(metas)
 
     index = {name: i for i, name in enumerate(names)}
     slides = [
@@ -378,3 +351,17 @@ def load_cohort(
         for r in sorted(rows, key=lambda r: r.slide_id)
     ]
     return Cohort(slides, names, contract, cache_size=cache_size, preprocessing=preprocessing)
+
+
+def cohort_for(config: TrainConfig) -> Cohort:
+    """Load the cohort a config names (`features_dir`, `labels_csv` and the cohort options)."""
+    if config.features_dir is None or config.labels_csv is None:
+        raise TrainingConfigError("training needs features_dir and labels_csv (--features DIR --labels CSV)")
+    return load_cohort(
+        config.features_dir,
+        config.labels_csv,
+        class_names=config.class_names,
+        drop_missing_features=config.drop_missing_features,
+        ignore_unlabelled_features=config.ignore_unlabelled_features,
+        cache_size=config.cache_bags,
+    )

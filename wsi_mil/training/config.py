@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from wsi_mil.atomic import write_text_atomic
 from wsi_mil.errors import TrainingConfigError
 
 SelectionMetric = Literal["roc_auc_macro", "balanced_accuracy", "f1_macro", "accuracy_micro", "loss"]
@@ -125,7 +126,5 @@ def load_config(path: Path | str | None = None, *, overrides: dict[str, Any] | N
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the resolved config as YAML (atomically: a temporary file, then a rename)."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(config.to_yaml())
-    tmp.replace(path)
+    """Write the resolved config as YAML (atomically)."""
+    write_text_atomic(path, config.to_yaml())

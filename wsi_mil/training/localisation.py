@@ -17,21 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
+from wsi_mil.atomic import write_text_atomic
 from wsi_mil.errors import RunFolderError
-from wsi_mil.preprocessing.feature_file import read_feature_file
+from wsi_mil.inference.loading import RunLayout, load_model
+from wsi_mil.inference.predict import predict_bag, read_features
 from wsi_mil.training.cohort import index_feature_files
-from wsi_mil.training.methods.base import Bag
-from wsi_mil.training.run import (
-    RunLayout,
-    check_feature_contract,
-    load_model_from_run,
-    write_text_atomic,
-)
 from wsi_mil.training.splits import load_split
-from wsi_mil.training.trainer import predict_bags
 
 Region = tuple[int, int, int, int]  # level-0 (x, y, width, height)
 
@@ -93,15 +86,12 @@ def localise_run(
         test_ids = [slide_id for slide_id in split.test if slide_id in regions]
         if not test_ids:
             continue
-        model, card = load_model_from_run(layout.root, fold, device=device)
+        model = load_model(layout.root, fold=fold, device=device)
         for slide_id in test_ids:
-            bag = read_feature_file(files[slide_id])
-            check_feature_contract(card.feature_contract, {**bag.attrs, "encoder": bag.encoder},
-                                   feature_dim=bag.feature_dim, source=str(bag.path))
+            bag = read_features(files[slide_id], model)
             if bag.coords is None or bag.tile_size_level0 is None:
                 raise RunFolderError(f"{bag.path} has no level-0 coords or tile size; localisation needs both")
-            features = torch.from_numpy(np.asarray(bag.features, dtype=np.float32))
-            attention = predict_bags(model, [Bag(features, -1, slide_id)], device=device).attention[0]
+            attention = predict_bag(model, bag.features).attention
             positive = tiles_in_region(bag.coords, bag.tile_size_level0, regions[slide_id], min_overlap=min_overlap)
             nonnegative = bool((attention >= 0).all() and attention.sum() > 0)
             mass = float(attention[positive].sum() / attention.sum()) if nonnegative else float("nan")
@@ -153,4 +143,4 @@ def summarise_localisation(results: Sequence[SlideLocalisation]) -> dict[str, An
 def save_localisation(results: Sequence[SlideLocalisation], path: Path | str) -> None:
     """Write the summary and the per-slide results as JSON (atomically)."""
     payload = {"summary": summarise_localisation(results), "slides": [vars(r) for r in results]}
-    write_text_atomic(Path(path), json.dumps(payload, indent=2))
+    write_text_atomic(path, json.dumps(payload, indent=2))

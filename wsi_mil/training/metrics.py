@@ -25,9 +25,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from wsi_mil.inference.card import LOWER_IS_BETTER
+
 SCALAR_METRICS = ("roc_auc_macro", "balanced_accuracy", "f1_macro", "accuracy_micro", "loss")
-#: metrics where lower is better; all others are maximised
-LOWER_IS_BETTER = frozenset({"loss"})
 
 
 def roc_auc_macro(labels: np.ndarray, probs: np.ndarray) -> float | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from wsi_mil.atomic import atomic_open
 from wsi_mil.errors import CohortError
 from wsi_mil.training.cohort import SPLIT_NAMES, Cohort
 from wsi_mil.training.config import TrainConfig
@@ -138,17 +139,14 @@ def make_splits(cohort: Cohort, config: TrainConfig) -> list[FoldSplit]:
 
 
 def save_split(cohort: Cohort, split: FoldSplit, path: Path) -> None:
-    """Write one fold as CSV: slide_id, case_id, label (class name), split."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    """Write one fold as CSV (atomically): slide_id, case_id, label (class name), split."""
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "case_id", "label", "split"])
         for name in SPLIT_NAMES:
             for slide_id in split.part(name):
                 slide = cohort.slide(slide_id)
                 writer.writerow([slide_id, slide.case_id, cohort.class_names[slide.label], name])
-    tmp.replace(path)
 
 
 def load_split(path: Path, *, fold: int) -> FoldSplit:

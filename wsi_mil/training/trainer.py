@@ -24,8 +24,10 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from wsi_mil.atomic import atomic_path
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
+from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import (
     EpochBags,
     balanced_sample_weights,
@@ -34,7 +36,7 @@ from wsi_mil.training.batching import (
     padded_batches,
 )
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods.base import Bag, TrainingMethod
+from wsi_mil.training.methods.base import TrainingMethod
 from wsi_mil.training.metrics import classification_metrics, is_improvement, selection_key
 
 log = logging.getLogger(__name__)
@@ -173,18 +175,6 @@ def predict_bags(
     finally:
         model.train(was_training)
     return BagPredictions(ids, np.asarray(labels, dtype=np.int64), np.stack(probs).astype(np.float64), attention)
-
-
-def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_save_model(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp")
-    save_model(model, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -377,9 +367,8 @@ def fit(
                 trainer.best_state = _cpu_state(method.inference_model(trainer.model))
                 trainer.stale_epochs = 0
                 if best_model_path is not None:
-                    _atomic_save_model(
-                        method.inference_model(trainer.model), best_model_path, {"epoch": str(trainer.epoch)}
-                    )
+                    with atomic_path(best_model_path) as temp:
+                        save_model(method.inference_model(trainer.model), str(temp), metadata={"epoch": str(trainer.epoch)})
             else:
                 trainer.stale_epochs += 1
             trainer.stopped_early = (
@@ -394,7 +383,8 @@ def fit(
                  **{f"val_{k}": v for k, v in val_metrics.items() if k != "confusion_matrix"}}
             )
             if checkpoint_path is not None:
-                _atomic_torch_save(trainer.state_dict(), checkpoint_path)
+                with atomic_path(checkpoint_path) as temp:
+                    torch.save(trainer.state_dict(), temp)
             report = EpochReport(fold, trainer.epoch, config.epochs, train_loss, terms, val_metrics, lr,
                                  is_best, trainer.stopped_early, time.perf_counter() - started)
             log.info(

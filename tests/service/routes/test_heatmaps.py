@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 SLIDE_SIZE = 2048
@@ -123,7 +124,7 @@ def test_scales_differ_as_documented(live_client: httpx.Client, finished_job: di
     job_id = finished_job["id"]
     params = {"background": "none", "cmap": "gray", "alpha": 1, "max_size": 256}
     values = {}
-    for scale in ("raw", "percentile", "minmax"):
+    for scale in ("raw", "percentile", "minmax", "relative"):
         image = png(
             live_client.get(f"/v1/jobs/{job_id}/heatmap.png", params={**params, "scale": scale})
         )
@@ -133,6 +134,13 @@ def test_scales_differ_as_documented(live_client: httpx.Client, finished_job: di
     )  # softmax attention over ~100+ tiles sits near 0 (a "cold" map)
     assert values["minmax"].max() > 0.95 and values["minmax"].min() < 0.05
     assert values["percentile"].max() > 0.95 and np.median(values["percentile"]) > 0.3
+    # relative (the default): tiles at or below an even share of attention are left uncoloured
+    default = png(live_client.get(f"/v1/jobs/{job_id}/heatmap.png", params=params))
+    relative = png(live_client.get(f"/v1/jobs/{job_id}/heatmap.png", params={**params, "scale": "relative"}))
+    np.testing.assert_array_equal(default, relative)
+    coloured = relative[..., 3] > 25
+    x, y, w, h = (v // 8 for v in LESION)
+    assert coloured[y : y + h, x : x + w].mean() > 0.9 and coloured.sum() < 1.5 * w * h
     bad = live_client.get(f"/v1/jobs/{job_id}/heatmap.png", params={"scale": "softmax"})
     assert bad.status_code == 422
 
@@ -147,9 +155,13 @@ def test_class_index_without_per_class_map_is_refused_with_reason(
     assert "per-class map" in response.json()["detail"]
     named = live_client.get(
         f"/v1/jobs/{finished_job['id']}/heatmap.png",
-        params={"map": "attention_logits", "max_size": 128},
+        params={"map": "attention_logits", "max_size": 128, "scale": "minmax"},
     )
     assert named.status_code == 200
+    logits = live_client.get(
+        f"/v1/jobs/{finished_job['id']}/heatmap.png", params={"map": "attention_logits"}
+    )
+    assert logits.status_code == 422 and "scale=minmax" in logits.json()["detail"]
     unknown = live_client.get(f"/v1/jobs/{finished_job['id']}/heatmap.png", params={"map": "nope"})
     assert unknown.status_code == 422 and "available" in unknown.json()["detail"]
 
@@ -175,3 +187,20 @@ def test_scores_json_columns(live_client: httpx.Client, finished_job: dict) -> N
     assert scores["tile_size_level0"] == TILE
     assert abs(sum(scores["scores"]["attention"]) - 1) < 1e-4
     assert all(len(v) == n for v in scores["scores"].values())
+
+
+def test_the_legend_gives_the_colours_and_the_score_at_each_tick(
+    live_client: httpx.Client, finished_job: dict
+) -> None:
+    base = f"/v1/jobs/{finished_job['id']}"
+    attention = np.asarray(live_client.get(f"{base}/scores.json").json()["scores"]["attention"])
+    default = live_client.get(f"{base}/heatmap-legend").json()
+    assert (default["scale"], default["score"], default["cmap"]) == ("relative", "attention", "jet")
+    assert [t["label"] for t in default["ticks"]] == ["×1", "×2", "×4", "×8", "×16"]
+    assert default["ticks"][0]["value"] == pytest.approx(attention.mean())  # x1 = an even share, 1/N
+    assert default["colors"][0].endswith("0.00)") and default["colors"][-1].endswith("1.00)")
+    minmax = live_client.get(f"{base}/heatmap-legend", params={"scale": "minmax", "cmap": "gray"}).json()
+    assert minmax["ticks"][0]["value"] == pytest.approx(attention.min())
+    assert minmax["ticks"][-1]["value"] == pytest.approx(attention.max())
+    assert minmax["colors"][0] == "rgba(0, 0, 0, 1.00)"
+    assert live_client.get(f"{base}/heatmap-legend", params={"class_index": 1}).status_code == 422

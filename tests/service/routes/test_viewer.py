@@ -91,7 +91,7 @@ def _screenshot(page) -> np.ndarray:
 def _wait_loaded(page) -> None:
     page.wait_for_function(
         "() => { const s = window.wsiViewerState;"
-        " return s && (s.error || (s.slideLoaded && s.overlayLoaded && s.topTilesLoaded)); }",
+        " return s && (s.error || (s.slideLoaded && s.overlayLoaded && s.legendLoaded && s.topTilesLoaded)); }",
         timeout=30_000,
     )
     state = page.evaluate("() => window.wsiViewerState")
@@ -120,8 +120,15 @@ def test_viewer_in_chromium_shows_slide_tiles_with_aligned_overlay(
             assert errors == []
             assert page.inner_text("#predicted-class") == "tumor"
             assert page.locator("#top-tiles img").count() == 8
-            percentile = _screenshot(page)
+            assert page.input_value("#scale") == "relative"
+            relative_ticks = _legend(page)
+            page.fill("#opacity", "1")
+            page.dispatch_event("#opacity", "input")
+            relative = _screenshot(page)
             assert not page.locator("#class-choice").is_visible()  # the model has no per-class map
+            page.select_option("#scale", "percentile")
+            _wait_loaded(page)
+            percentile = _screenshot(page)
             page.fill("#opacity", "0")
             page.dispatch_event("#opacity", "input")
             plain = _screenshot(page)
@@ -130,8 +137,16 @@ def test_viewer_in_chromium_shows_slide_tiles_with_aligned_overlay(
             page.select_option("#scale", "minmax")
             _wait_loaded(page)
             minmax = _screenshot(page)
+            minmax_ticks = _legend(page)
         finally:
             browser.close()
+    api = {"X-API-Key": KEY} if with_key else {}
+    for scale, shown in (("relative", relative_ticks), ("minmax", minmax_ticks)):
+        legend = httpx.get(f"{service.base_url}/v1/jobs/{finished_job['id']}/heatmap-legend", params={"scale": scale}, headers=api).json()
+        assert [label for label, _ in shown] == [t["label"] for t in legend["ticks"]], scale
+    assert [label for label, _ in relative_ticks] == ["×1", "×2", "×4", "×8", "×16"]
+    assert all(value for _, value in relative_ticks)  # the score under each tick
+    assert minmax_ticks[0][1] == "" and float(minmax_ticks[-1][0]) > float(minmax_ticks[0][0])
     backdrop = (percentile == [17, 17, 17]).all(axis=-1)  # the viewer's dark background
     assert (~backdrop).mean() > 0.3, "slide tiles should cover much of the view"
     # the square slide on screen, measured through its middle (away from the buttons and navigator)
@@ -149,6 +164,22 @@ def test_viewer_in_chromium_shows_slide_tiles_with_aligned_overlay(
     lesion[y0 + ly : y0 + ly + lh, x0 + lx : x0 + lx + lw] = True
     hot = _hot(minmax)
     assert (hot & lesion).sum() / (hot | lesion).sum() >= 0.8, "the hot overlay lies on the lesion"
+    # the default scale: the lesion is hot, the rest of the slide shows its own tissue, uncoloured
+    away = ~backdrop & ~lesion
+    assert (_hot(relative) & lesion).sum() / lesion.sum() > 0.8
+    assert (_blue(relative) | _hot(relative))[away].mean() < 0.05, "no signal off the lesion: calm"
+    assert (_blue(percentile) | _hot(percentile))[away].mean() > 0.3, "percentile paints it all"
+
+
+def _legend(page) -> list[tuple[str, str]]:
+    """The legend's ticks as shown: (label, score under it or "")."""
+    assert page.locator("#legend").is_visible() and page.locator("#legend-bar").bounding_box()["width"] > 100
+    items = page.locator("#legend-ticks li")
+    return [
+        (items.nth(i).locator(".tick-label").inner_text(),
+         items.nth(i).locator(".tick-value").inner_text() if items.nth(i).locator(".tick-value").count() else "")
+        for i in range(items.count())
+    ]
 
 
 def _red(pixels: np.ndarray) -> np.ndarray:

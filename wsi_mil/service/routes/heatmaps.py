@@ -1,4 +1,5 @@
-"""A finished job's per-tile outputs: heatmap PNG, QuPath GeoJSON, score table, top tiles."""
+"""A finished job's per-tile outputs: heatmap PNG and its colour legend, QuPath GeoJSON, score
+table, top tiles."""
 
 from __future__ import annotations
 
@@ -10,28 +11,45 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from wsi_mil.errors import SlideOpenError
-from wsi_mil.preprocessing.slide import open_slide
-from wsi_mil.service.deps import DoneJobDep, SettingsDep
-from wsi_mil.service.heatmaps import (
+from wsi_mil.inference.heatmaps import (
     HeatmapOptions,
     Scale,
     TileScores,
     heatmap_geojson,
+    legend_colors,
     measurements,
     png_bytes,
     render_heatmap,
+    scale_legend,
     top_tiles,
 )
+from wsi_mil.preprocessing.slide import open_slide
+from wsi_mil.service.deps import DoneJobDep, SettingsDep
+from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobRecord
-from wsi_mil.service.schemas import ErrorPublic, ScoresPublic, TopTilePublic, TopTilesPublic
+from wsi_mil.service.schemas import (
+    ErrorPublic,
+    HeatmapLegendPublic,
+    LegendTickPublic,
+    ScoresPublic,
+    TopTilePublic,
+    TopTilesPublic,
+)
 from wsi_mil.service.settings import ServiceSettings
-from wsi_mil.service.workers import JobPaths
 
 router = APIRouter(prefix="/v1/jobs", tags=["heatmaps"])
 
+ScaleQuery = Annotated[
+    Scale,
+    Query(
+        description="relative (score ÷ slide mean, ×1..×16, fades below) | percentile (rank within "
+        "slide) | minmax | raw"
+    ),
+]
 Colormap = Literal[
     "jet", "turbo", "viridis", "inferno", "magma", "plasma", "coolwarm", "RdYlBu_r", "gray"
 ]
+CmapQuery = Annotated[Colormap, Query(description="matplotlib colormap")]
 _NOT_READY = {
     404: {"model": ErrorPublic, "description": "no such job"},
     409: {"model": ErrorPublic, "description": "the job is not done"},
@@ -69,12 +87,10 @@ def _scores(settings: ServiceSettings, job: JobRecord) -> TileScores:
 def get_heatmap_png(
     job: DoneJobDep,
     settings: SettingsDep,
-    scale: Annotated[
-        Scale, Query(description="raw | percentile (rank within slide) | minmax")
-    ] = "percentile",
+    scale: ScaleQuery = "relative",
     class_index: ClassIndex = None,
     map_name: MapName = None,
-    cmap: Annotated[Colormap, Query(description="matplotlib colormap")] = "jet",
+    cmap: CmapQuery = "jet",
     alpha: Annotated[float, Query(ge=0, le=1, description="opacity of the colours")] = 0.5,
     smooth: Annotated[
         float, Query(ge=0, le=10, description="Gaussian sigma in tiles (0: none)")
@@ -115,6 +131,32 @@ def get_heatmap_png(
             "X-Level0-Size": f"{scores.slide_width},{scores.slide_height}",
             "Cache-Control": "private, max-age=300",
         },
+    )
+
+
+@router.get(
+    "/{job_id}/heatmap-legend",
+    summary="The colour bar of a heatmap: colours and the score at each tick",
+    responses=_NOT_READY,
+)
+def get_heatmap_legend(
+    job: DoneJobDep,
+    settings: SettingsDep,
+    scale: ScaleQuery = "relative",
+    class_index: ClassIndex = None,
+    map_name: MapName = None,
+    cmap: CmapQuery = "jet",
+) -> HeatmapLegendPublic:
+    """What `heatmap.png` with the same options paints in which colour, for a viewer's legend."""
+    values, label = _scores(settings, job).select(map_name, class_index)
+    ticks = scale_legend(values, scale)
+    return HeatmapLegendPublic(
+        job_id=job.id,
+        score=label,
+        scale=scale,
+        cmap=cmap,
+        colors=legend_colors(cmap, scale),
+        ticks=[LegendTickPublic(position=t.position, value=t.value, label=t.label) for t in ticks],
     )
 
 

@@ -13,12 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from wsi_mil.errors import JobStateError, UnknownModelError
 from wsi_mil.service.deps import DeepZoomDep, JobDep, PoolDep, RegistryDep, SettingsDep, StoreDep
+from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobRecord, JobState, JobStore, new_job_id
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
 from wsi_mil.service.schemas import ErrorPublic, JobCreate, JobPublic, JobResultPublic, JobsPublic
 from wsi_mil.service.uploads import receive_form, resolve_slide_path
-from wsi_mil.service.workers import JobPaths
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -75,6 +75,7 @@ def job_links(job_id: str) -> dict[str, str]:
         "self": base,
         "cancel": f"{base}/cancel",
         "heatmap": f"{base}/heatmap.png",
+        "heatmap_legend": f"{base}/heatmap-legend",
         "geojson": f"{base}/heatmap.geojson",
         "scores": f"{base}/scores.json",
         "top_tiles": f"{base}/top-tiles",
@@ -114,8 +115,8 @@ def _check_model(registry: ModelRegistry, name: str) -> None:
         served = registry.get(name)
     except UnknownModelError as err:
         raise _unprocessable(str(err)) from err
-    if served.preprocessing is None or served.slide_job_problem is not None:
-        raise _unprocessable(f"model {name!r} cannot run slide jobs: {served.slide_job_problem}")
+    if served.preprocessing is None or served.slide_problem is not None:
+        raise _unprocessable(f"model {name!r} cannot run slide jobs: {served.slide_problem}")
 
 
 def _parse_mpp(raw: str | None) -> float | None:

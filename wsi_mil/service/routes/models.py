@@ -7,8 +7,8 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, status
 
 from wsi_mil.errors import UnknownModelError
+from wsi_mil.inference.loading import LoadedModel
 from wsi_mil.service.deps import RegistryDep
-from wsi_mil.service.model_registry import ServedModel
 from wsi_mil.service.schemas import (
     ErrorPublic,
     FeatureContractPublic,
@@ -27,8 +27,8 @@ def _weights_label(weights: str | None) -> str | None:
     return Path(weights).name
 
 
-def model_public(served: ServedModel) -> ModelPublic:
-    """The public description of a served model."""
+def model_public(name: str, served: LoadedModel) -> ModelPublic:
+    """The public description of the model served as `name`."""
     card = served.card
     config = served.preprocessing
     preprocessing = None
@@ -42,15 +42,15 @@ def model_public(served: ServedModel) -> ModelPublic:
             tiling=config.tiling.model_dump(),
         )
     return ModelPublic(
-        name=served.name,
+        name=name,
         architecture=card.model_name,
         model_kwargs=card.model_kwargs,
         num_classes=card.num_classes,
         class_names=card.class_names,
         feature_contract=FeatureContractPublic(**card.feature_contract.model_dump()),
         preprocessing=preprocessing,
-        slide_jobs=served.slide_job_problem is None and preprocessing is not None,
-        slide_job_problem=served.slide_job_problem,
+        slide_jobs=served.slide_problem is None and preprocessing is not None,
+        slide_job_problem=served.slide_problem,
         weights_sha256=served.weights_sha256,
         training_method=card.training_method,
         fold=card.fold,
@@ -60,7 +60,7 @@ def model_public(served: ServedModel) -> ModelPublic:
 @router.get("", summary="List the served models")
 def list_models(registry: RegistryDep) -> ModelsPublic:
     """Every model loaded from the models folder, sorted by name."""
-    data = [model_public(m) for m in registry.models()]
+    data = [model_public(name, model) for name, model in registry.items()]
     return ModelsPublic(data=data, count=len(data))
 
 
@@ -72,6 +72,6 @@ def list_models(registry: RegistryDep) -> ModelsPublic:
 def get_model(name: str, registry: RegistryDep) -> ModelPublic:
     """A served model by name (names of run folds contain a slash: `run/fold_0`)."""
     try:
-        return model_public(registry.get(name))
+        return model_public(name, registry.get(name))
     except UnknownModelError as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(err)) from err

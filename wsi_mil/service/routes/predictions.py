@@ -9,12 +9,11 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from wsi_mil.errors import FeatureFileError, UnknownModelError
-from wsi_mil.preprocessing.feature_file import FeatureBag, read_feature_file
+from wsi_mil.errors import UnknownModelError
+from wsi_mil.inference.heatmaps import top_tiles
+from wsi_mil.inference.loading import LoadedModel
+from wsi_mil.inference.predict import predict_features
 from wsi_mil.service.deps import MetricsDep, RegistryDep, SettingsDep
-from wsi_mil.service.heatmaps import top_tiles
-from wsi_mil.service.inference import predict_bag
-from wsi_mil.service.model_registry import ServedModel
 from wsi_mil.service.schemas import (
     ErrorPublic,
     PredictionPublic,
@@ -58,23 +57,15 @@ def form_int(fields: dict[str, str], name: str, *, default: int, low: int, high:
     return value
 
 
-def _predict_file(served: ServedModel, upload: ReceivedFile, top_k: int) -> PredictionPublic:
-    try:
-        bag: FeatureBag = read_feature_file(upload.path)
-    except FeatureFileError as err:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"{upload.filename!r} is not a usable feature file: {err}",
-        ) from err
-    prediction = predict_bag(served, bag, source=repr(upload.filename))
-    coords = bag.coords
-    size = int(bag.tile_size_level0) if bag.tile_size_level0 is not None else None
+def _predict_file(name: str, model: LoadedModel, upload: ReceivedFile, top_k: int) -> PredictionPublic:
+    result = predict_features(upload.path, model, source=repr(upload.filename))
+    prediction, coords = result.prediction, result.coords
+    size = result.tile_size_level0
     ranked = top_tiles(prediction.attention, top_k)
     return PredictionPublic(
-        model=served.name,
-        slide_id=bag.slide_id,
-        **{k: v for k, v in prediction.summary().items() if k != "n_tiles"},
-        n_tiles=bag.num_tiles,
+        model=name,
+        slide_id=result.slide_id,
+        **prediction.summary(),
         tiles=TileAttentionPublic(
             x=None if coords is None else coords[:, 0].tolist(),
             y=None if coords is None else coords[:, 1].tolist(),
@@ -139,11 +130,11 @@ async def create_prediction(
             )
         top_k = form_int(form.fields, "top_k", default=settings.top_k, low=1, high=MAX_TOP_K)
         try:
-            served = registry.get(model_name)
+            model = registry.get(model_name)
         except UnknownModelError as err:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(err)) from err
-        result = await run_in_threadpool(_predict_file, served, upload, top_k)
-        metrics.predictions.labels(served.name).inc()
+        result = await run_in_threadpool(_predict_file, model_name, model, upload, top_k)
+        metrics.predictions.labels(model_name).inc()
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

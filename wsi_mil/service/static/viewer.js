@@ -1,5 +1,5 @@
 // The job viewer: the slide via Deep Zoom, the attention heatmap as an overlay with an opacity
-// slider, the prediction and the top tiles. Every data request carries the API key when the page
+// slider and a colour legend, the prediction and the top tiles. Every data request carries the API key when the page
 // was opened as .../viewer#api_key=KEY (URL fragments are never sent to the server).
 "use strict";
 
@@ -10,7 +10,13 @@
   const base = "/v1/jobs/" + jobId;
   const apiKey = new URLSearchParams(window.location.hash.slice(1)).get("api_key");
   const headers = apiKey ? { "X-API-Key": apiKey } : {};
-  const state = { slideLoaded: false, overlayLoaded: false, topTilesLoaded: false, error: null };
+  const state = { slideLoaded: false, overlayLoaded: false, legendLoaded: false, topTilesLoaded: false, error: null };
+  const SCALE_NAMES = {
+    relative: "× the slide's mean score (tiles at or below it stay uncoloured)",
+    percentile: "rank within the slide",
+    minmax: "the slide's lowest to highest score",
+    raw: "the score itself",
+  };
   window.wsiViewerState = state;
   let viewer = null;
   let overlay = null;
@@ -65,11 +71,49 @@
     }
   }
 
-  function overlayQuery() {
-    const params = new URLSearchParams({ scale: document.getElementById("scale").value, background: "none", alpha: "1" });
+  function scoreQuery(extra) {
+    const params = new URLSearchParams({ scale: document.getElementById("scale").value, ...extra });
     const classIndex = document.getElementById("class-index").value;
     if (classIndex !== "") params.set("class_index", classIndex);
     return params.toString();
+  }
+
+  function overlayQuery() {
+    return scoreQuery({ background: "none", alpha: "1" });
+  }
+
+  // The colour bar of the overlay: its colours, the scale's value at each tick and the score there.
+  async function loadLegend() {
+    state.legendLoaded = false;
+    const legend = await (await fetchOk(base + "/heatmap-legend?" + scoreQuery({}))).json();
+    document.getElementById("legend-bar").style.backgroundImage = "linear-gradient(to right, " + legend.colors.join(", ") + ")";
+    const ticks = document.getElementById("legend-ticks");
+    ticks.replaceChildren();
+    const showScore = legend.scale === "relative" || legend.scale === "percentile";
+    for (const tick of legend.ticks) {
+      const item = document.createElement("li");
+      item.style.left = (tick.position * 100) + "%";
+      const label = document.createElement("span");
+      label.className = "tick-label";
+      label.textContent = tick.label;
+      item.append(label);
+      if (showScore) {
+        const value = document.createElement("span");
+        value.className = "tick-value";
+        value.textContent = tick.value.toPrecision(2);
+        item.append(value);
+      }
+      ticks.append(item);
+    }
+    document.getElementById("legend-caption").textContent =
+      legend.score + ", " + SCALE_NAMES[legend.scale] + (showScore ? "; the score is under each tick" : "");
+    document.getElementById("legend").hidden = false;
+    state.legendLoaded = true;
+  }
+
+  function showOverlay() {
+    loadOverlay().catch((err) => setStatus("overlay failed: " + err.message, true));
+    loadLegend().catch((err) => setStatus("legend failed: " + err.message, true));
   }
 
   async function loadOverlay() {
@@ -132,17 +176,17 @@
       const markLoaded = () => { state.slideLoaded = true; };
       if (slide.getFullyLoaded()) markLoaded();
       else slide.addOnceHandler("fully-loaded-change", markLoaded);
-      loadOverlay().catch((err) => setStatus("overlay failed: " + err.message, true));
+      showOverlay();
     });
     viewer.addHandler("open-failed", (event) => setStatus("slide failed to open: " + event.message, true));
     document.getElementById("opacity").addEventListener("input", (event) => {
       if (overlay) overlay.setOpacity(Number(event.target.value));
     });
     const reload = () => {
-      loadOverlay().catch((err) => setStatus("overlay failed: " + err.message, true));
+      showOverlay();
       loadTopTiles().catch((err) => setStatus("top tiles failed: " + err.message, true));
     };
-    document.getElementById("scale").addEventListener("change", () => loadOverlay().catch((err) => setStatus(err.message, true)));
+    document.getElementById("scale").addEventListener("change", showOverlay);
     document.getElementById("class-index").addEventListener("change", reload);
     document.getElementById("overlay-controls").hidden = false;
   }

@@ -21,8 +21,8 @@ import torch
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel, MILOutput
-from wsi_mil.training.methods import register_method
 from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod
+from wsi_mil.training.methods.registry import register_method
 
 #: the `MILOutput.maps` key of per-branch pooling attention `[B, K, N]` (ACMIL's branches)
 BRANCH_ATTENTION_KEY = "branch_attention"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from wsi_mil.models.base import MILModel, MILOutput
+from wsi_mil.training.bag import Bag
 
 
 @dataclass
@@ -40,15 +41,6 @@ class StepResult:
     loss: torch.Tensor
     output: MILOutput
     terms: dict[str, float]
-
-
-@dataclass
-class Bag:
-    """One slide's instances as the trainer's dataset yields them (before batching)."""
-
-    features: torch.Tensor  # [N, D]
-    label: int
-    slide_id: str
 
 
 class TrainingMethod:

@@ -49,8 +49,8 @@ from torch import nn
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel, MILOutput
 from wsi_mil.models.layers import masked_softmax, xavier_init_
-from wsi_mil.training.methods import register_method
 from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod
+from wsi_mil.training.methods.registry import register_method
 
 log = logging.getLogger(__name__)
 

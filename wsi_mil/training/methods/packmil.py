@@ -52,8 +52,9 @@ from torch import nn
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
 from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
-from wsi_mil.training.methods import register_method
-from wsi_mil.training.methods.base import Bag, Batch, StepResult, TrainingMethod
+from wsi_mil.training.bag import Bag
+from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod
+from wsi_mil.training.methods.registry import register_method
 
 Downsample = Literal["none", "attention", "ads"]
 ResidualLoss = Literal["ce", "bce", "focal", "asl_single"]

@@ -4,29 +4,35 @@ Scores go onto a raster that covers the whole level-0 slide at a known downsampl
 the mean score of the tiles that cover its centre), are optionally smoothed, coloured with a
 matplotlib colormap and blended on the slide thumbnail, masked to tissue. The same boxes give a
 QuPath GeoJSON (one `tile` per instance, scores as `measurements`, as WSInfer writes them) and a
-JSON table. Scales: `raw` (the model's values on a fixed 0..1 colour range), `percentile` (rank
-within the slide, as CLAM's heatmaps) and `minmax` (linear from the slide's lowest to highest).
+JSON table. Scales: `relative` (the default: score ÷ the slide's mean on a log scale from ×1 to
+×16, opacity growing with it, so a slide without signal stays calm), `percentile` (rank within the
+slide, as CLAM's heatmaps), `minmax` (linear from the slide's lowest to highest) and `raw` (the
+model's values on a fixed 0..1 colour range). `scale_legend` gives the score at each colour.
+
+Nothing here knows a service or a job: inputs are per-tile scores, level-0 coords and a tile size.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage, stats
 
+from wsi_mil.atomic import atomic_open
 from wsi_mil.errors import HeatmapRequestError
 
-Scale = Literal["raw", "percentile", "minmax"]
-SCALES: tuple[str, ...] = ("raw", "percentile", "minmax")
+Scale = Literal["relative", "percentile", "minmax", "raw"]
+SCALES: tuple[str, ...] = ("relative", "percentile", "minmax", "raw")
+#: the `relative` scale's top: tiles scoring this many times the slide's mean (or more) get full colour
+RELATIVE_MAX = 16.0
 ATTENTION = "attention"
 #: maps whose rows are classes when their row count equals the number of classes (first found wins)
 PER_CLASS_MAPS = ("class_attention", "branch_attention", "tile_probability")
@@ -65,11 +71,9 @@ class TileScores:
         return int(self.coords.shape[0])
 
     def save(self, path: str | Path) -> None:
-        """Write an `.npz` atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        """Write an `.npz` atomically."""
         arrays = {f"map__{name}": values for name, values in self.maps.items()}
-        with tmp.open("wb") as handle:
+        with atomic_open(path, "wb") as handle:
             np.savez(
                 handle,
                 coords=self.coords.astype(np.int64),
@@ -79,7 +83,6 @@ class TileScores:
                 slide_size=np.array([self.slide_width, self.slide_height], dtype=np.int64),
                 **arrays,
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> TileScores:
@@ -142,11 +145,31 @@ class TileScores:
         return values[row], label
 
 
+def _slide_mean(values: np.ndarray) -> float:
+    """The mean the `relative` scale divides by; scores must not be negative."""
+    if values.size and values.min() < 0:
+        raise HeatmapRequestError(
+            "the relative scale needs scores that are never negative (attention, probabilities); "
+            "these have negative values: use scale=minmax or scale=percentile"
+        )
+    return float(values.mean()) if values.size else 0.0
+
+
 def scale_scores(values: np.ndarray, scale: Scale) -> np.ndarray:
-    """Scores `[N]` mapped for colouring: raw (unchanged), percentile (rank / N, in (0, 1]) or minmax ([0, 1])."""
+    """Scores `[N]` mapped to [0, 1] for colouring (raw: unchanged).
+
+    relative: log(score / slide mean) / log(RELATIVE_MAX), clipped (at or below the mean: 0);
+    percentile: rank / N, in (0, 1]; minmax: linear from the lowest (0) to the highest (1) score.
+    """
     values = np.asarray(values, dtype=np.float64)
     if scale == "raw":
         return values
+    if scale == "relative":
+        mean = _slide_mean(values)
+        if mean <= 0:
+            return np.zeros_like(values)
+        ratio = np.maximum(values / mean, 1.0)
+        return np.clip(np.log(ratio) / np.log(RELATIVE_MAX), 0.0, 1.0)
     if scale == "percentile":
         if values.size == 0:
             return values
@@ -203,26 +226,81 @@ def smooth_grid(grid: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.where(valid, smoothed, np.nan)
 
 
-def colorize(grid: np.ndarray, *, cmap: str, vmin: float, vmax: float, alpha: float) -> np.ndarray:
-    """RGBA uint8 `[h, w, 4]` of a grid: colormap over `[vmin, vmax]` (clipped), transparent where NaN."""
+def _colormap(cmap: str) -> Any:
+    from matplotlib import colormaps  # on first use: importing the service need not load matplotlib
+
     try:
-        colormap = colormaps[cmap]
+        return colormaps[cmap]
     except KeyError as err:
         raise HeatmapRequestError(
             f"unknown colormap {cmap!r}; use a matplotlib name such as jet, viridis, inferno"
         ) from err
+
+
+def colorize(
+    grid: np.ndarray, *, cmap: str, vmin: float, vmax: float, alpha: float, fade: bool = False
+) -> np.ndarray:
+    """RGBA uint8 `[h, w, 4]` of a grid: colormap over `[vmin, vmax]` (clipped), transparent where NaN.
+
+    With `fade` the opacity grows with the value (`alpha` at `vmax`, transparent at `vmin`).
+    """
+    colormap = _colormap(cmap)
     span = vmax - vmin if vmax > vmin else 1.0
     normalised = np.clip((np.nan_to_num(grid, nan=vmin) - vmin) / span, 0.0, 1.0)
     rgba = colormap(normalised, bytes=True)  # [h, w, 4] uint8
-    rgba[..., 3] = np.where(np.isnan(grid), 0, round(255 * alpha)).astype(np.uint8)
+    opacity = alpha * (normalised if fade else 1.0)
+    rgba[..., 3] = np.where(np.isnan(grid), 0, np.round(255 * opacity)).astype(np.uint8)
     return rgba
+
+
+@dataclass(frozen=True)
+class LegendTick:
+    """One tick of a colour bar: its place on the bar (0..1), the score there and its label."""
+
+    position: float
+    value: float
+    label: str
+
+
+def scale_legend(values: np.ndarray, scale: Scale, *, ticks: int = 5) -> list[LegendTick]:
+    """The score at evenly spaced places of the colour bar, labelled in the scale's own unit
+    (×ratio for relative, rank for percentile, the score for minmax and raw)."""
+    values = np.asarray(values, dtype=np.float64)
+    positions = np.linspace(0.0, 1.0, ticks)
+    if scale == "relative":
+        mean = _slide_mean(values)
+        ratios = RELATIVE_MAX**positions
+        return [LegendTick(float(p), float(mean * r), f"×{r:.3g}") for p, r in zip(positions, ratios, strict=True)]
+    if scale == "percentile":
+        quantiles = np.quantile(values, positions) if values.size else np.zeros_like(positions)
+        return [LegendTick(float(p), float(v), f"{p:.0%}") for p, v in zip(positions, quantiles, strict=True)]
+    if scale == "minmax":
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        scores = low + positions * (high - low)
+    elif scale == "raw":
+        scores = positions
+    else:
+        raise HeatmapRequestError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
+    return [LegendTick(float(p), float(v), f"{v:.3g}") for p, v in zip(positions, scores, strict=True)]
+
+
+def legend_colors(cmap: str, scale: Scale, *, steps: int = 11) -> list[str]:
+    """CSS `rgba(...)` colours along the colour bar, fading as the heatmap does on the relative scale."""
+    colormap = _colormap(cmap)
+    positions = np.linspace(0.0, 1.0, steps)
+    fade = scale == "relative"
+    colours = []
+    for position, (red, green, blue, _) in zip(positions, colormap(positions, bytes=True), strict=True):
+        opacity = position if fade else 1.0
+        colours.append(f"rgba({red}, {green}, {blue}, {opacity:.2f})")
+    return colours
 
 
 @dataclass(frozen=True)
 class HeatmapOptions:
     """What to draw: which scores, how they are scaled, smoothed and coloured, and over what."""
 
-    scale: Scale = "percentile"
+    scale: Scale = "relative"
     map_name: str | None = None
     class_index: int | None = None
     cmap: str = "jet"
@@ -255,11 +333,12 @@ def render_heatmap(
         mask = np.asarray(tissue_mask.convert("L").resize(size, Image.Resampling.NEAREST)) > 0
         grid = np.where(mask, grid, np.nan)
     vmin, vmax = (0.0, 1.0)
+    fade = options.scale == "relative"
     if options.background == "none":
         return Image.fromarray(
-            colorize(grid, cmap=options.cmap, vmin=vmin, vmax=vmax, alpha=options.alpha), "RGBA"
+            colorize(grid, cmap=options.cmap, vmin=vmin, vmax=vmax, alpha=options.alpha, fade=fade), "RGBA"
         )
-    colours = colorize(grid, cmap=options.cmap, vmin=vmin, vmax=vmax, alpha=1.0)
+    colours = colorize(grid, cmap=options.cmap, vmin=vmin, vmax=vmax, alpha=options.alpha, fade=fade)
     base = (
         np.asarray(
             thumbnail.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32
@@ -267,7 +346,7 @@ def render_heatmap(
         if thumbnail is not None
         else np.full((size[1], size[0], 3), 255.0, dtype=np.float32)
     )
-    weight = np.where(np.isnan(grid), 0.0, options.alpha)[..., None]
+    weight = (colours[..., 3:] / 255.0).astype(np.float32)
     blended = base * (1 - weight) + colours[..., :3].astype(np.float32) * weight
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
 
@@ -279,21 +358,29 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def tile_columns(
+    attention: np.ndarray, maps: Mapping[str, np.ndarray], class_names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Every per-tile score as a named column: `attention`, then each map row, named
+    `<map>_<class>` for per-class maps, `<map>_<row>` for other multi-row maps, `<map>` for one row."""
+    table = {ATTENTION: np.asarray(attention, dtype=np.float64)}
+    for name, values in sorted(maps.items()):
+        per_class = values.shape[0] == len(class_names)
+        for row in range(values.shape[0]):
+            suffix = class_names[row] if per_class else str(row)
+            table[f"{name}_{suffix}" if values.shape[0] > 1 else name] = values[row].astype(np.float64)
+    return table
+
+
 def measurements(scores: TileScores) -> dict[str, np.ndarray]:
     """Every per-tile number worth exporting: attention on all three scales, then each map row."""
-    table = {
-        ATTENTION: scores.attention.astype(np.float64),
+    columns = tile_columns(scores.attention, scores.maps, scores.class_names)
+    return {
+        ATTENTION: columns.pop(ATTENTION),
         f"{ATTENTION}_percentile": scale_scores(scores.attention, "percentile"),
         f"{ATTENTION}_minmax": scale_scores(scores.attention, "minmax"),
+        **columns,
     }
-    for name, values in sorted(scores.maps.items()):
-        per_class = values.shape[0] == len(scores.class_names)
-        for row in range(values.shape[0]):
-            suffix = scores.class_names[row] if per_class else str(row)
-            table[f"{name}_{suffix}" if values.shape[0] > 1 else name] = values[row].astype(
-                np.float64
-            )
-    return table
 
 
 def heatmap_geojson(scores: TileScores, *, name: str) -> dict[str, Any]:

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 
 from wsi_mil.errors import HeatmapRequestError
-from wsi_mil.service.heatmaps import (
+from wsi_mil.inference.heatmaps import (
+    RELATIVE_MAX,
     HeatmapOptions,
     TileScores,
     canvas_size,
     colorize,
     heatmap_geojson,
+    legend_colors,
     render_heatmap,
+    scale_legend,
     scale_scores,
     score_grid,
     smooth_grid,
@@ -42,6 +45,14 @@ def test_scales() -> None:
     assert scale_scores(values, "minmax").tolist() == [1.0, 0.0, 0.5, 0.5]
     assert scale_scores(values, "percentile").tolist() == [1.0, 0.25, 0.625, 0.625]
     assert scale_scores(np.array([2.0, 2.0]), "minmax").tolist() == [0.5, 0.5]
+    # relative: score / mean (here 3), log scale from x1 (0) to x16 (1); at or below the mean: 0
+    ratios = np.array([1.0, 2.0, 4.0, RELATIVE_MAX, 2 * RELATIVE_MAX, 0.5, 0.0])  # x mean
+    scores = np.concatenate([3.0 * ratios, np.full(93, (300 - 3.0 * ratios.sum()) / 93)])  # mean 3
+    assert scores.mean() == pytest.approx(3.0)
+    np.testing.assert_allclose(scale_scores(scores, "relative")[:7], [0.0, 0.25, 0.5, 1.0, 1.0, 0.0, 0.0], atol=1e-12)
+    assert scale_scores(np.zeros(4), "relative").tolist() == [0.0] * 4
+    with pytest.raises(HeatmapRequestError, match=r"never negative.*scale=minmax"):
+        scale_scores(np.array([-1.0, 2.0]), "relative")
     with pytest.raises(HeatmapRequestError):
         scale_scores(values, "softmax")  # type: ignore[arg-type]
 
@@ -93,12 +104,14 @@ def test_render_modes_and_tissue_mask() -> None:
     mask = Image.new("L", (4, 3), 255)
     mask.putpixel((0, 0), 0)  # no tissue in the first tile
     masked = np.asarray(
-        render_heatmap(tiles, HeatmapOptions(background="none", max_size=40), tissue_mask=mask)
+        render_heatmap(
+            tiles, HeatmapOptions(scale="percentile", background="none", max_size=40), tissue_mask=mask
+        )
     )
     assert masked[0:10, 0:10, 3].max() == 0 and masked[0:10, 10:20, 3].min() > 0
     thumbnail = Image.new("RGB", (8, 6), (10, 200, 10))
     blended = np.asarray(
-        render_heatmap(tiles, HeatmapOptions(max_size=40, alpha=0.5), thumbnail=thumbnail)
+        render_heatmap(tiles, HeatmapOptions(scale="percentile", max_size=40, alpha=0.5), thumbnail=thumbnail)
     )
     assert blended.shape == (30, 40, 3)
     assert tuple(blended[15, 15]) == (10, 200, 10)  # no tile: thumbnail unchanged
@@ -145,3 +158,48 @@ def test_save_load_round_trip_and_top_tiles(tmp_path: Path) -> None:
     assert loaded.class_names == ("a", "b") and loaded.slide_width == 400
     np.testing.assert_array_equal(loaded.maps["class_attention"], tiles.maps["class_attention"])
     assert top_tiles(np.array([0.1, 0.5, 0.5, 0.2]), 3).tolist() == [1, 2, 3]
+
+
+def _grid_slide(attention: np.ndarray) -> TileScores:
+    side = int(np.sqrt(len(attention)))
+    grid = np.arange(len(attention))
+    coords = np.stack([grid % side, grid // side], axis=1) * 100
+    return TileScores(coords, 100, attention.astype(np.float32), {}, ("normal", "tumor"), side * 100, side * 100)
+
+
+def test_the_default_scale_keeps_a_slide_without_signal_calm_and_shows_a_lesion() -> None:
+    """400 tiles: softmax attention of small noise (no signal) vs the same with 16 lesion tiles
+    holding half the attention. The percentile scale paints both slides all over; the default does not."""
+    rng = np.random.default_rng(0)
+    noise = np.exp(0.2 * rng.normal(size=400))
+    flat = noise / noise.sum()
+    lesion = np.zeros(400, dtype=bool)
+    lesion[[r * 20 + c for r in range(8, 12) for c in range(8, 12)]] = True
+    peaked = np.where(lesion, 0.5 / 16, flat * 0.5 / flat[~lesion].sum())
+
+    def opacity(attention: np.ndarray, scale: str) -> np.ndarray:
+        image = render_heatmap(_grid_slide(attention), HeatmapOptions(scale=scale, background="none", alpha=1.0, max_size=200))
+        return np.asarray(image)[..., 3].reshape(20, 10, 20, 10).mean(axis=(1, 3)).ravel() / 255
+
+    assert HeatmapOptions().scale == "relative"
+    assert opacity(flat, "percentile").mean() == 1.0 and opacity(peaked, "percentile").mean() == 1.0
+    calm = opacity(flat, "relative")
+    assert calm.mean() < 0.1 and calm.max() < 0.25, "no signal: faint at most"
+    shown = opacity(peaked, "relative")
+    assert shown[lesion].min() > 0.9 and shown[~lesion].max() < 0.1
+
+
+def test_the_legend_gives_the_score_at_each_colour() -> None:
+    values = np.array([1.0, 2.0, 3.0, 6.0])  # mean 3
+    relative = scale_legend(values, "relative")
+    assert [t.label for t in relative] == ["×1", "×2", "×4", "×8", "×16"]
+    assert [t.value for t in relative] == pytest.approx([3, 6, 12, 24, 48])
+    assert [t.position for t in relative] == [0, 0.25, 0.5, 0.75, 1]
+    minmax = scale_legend(values, "minmax", ticks=3)
+    assert [(t.value, t.label) for t in minmax] == [(1.0, "1"), (3.5, "3.5"), (6.0, "6")]
+    percentile = scale_legend(values, "percentile", ticks=2)
+    assert [(t.value, t.label) for t in percentile] == [(1.0, "0%"), (6.0, "100%")]
+    assert [t.value for t in scale_legend(values, "raw", ticks=2)] == [0.0, 1.0]
+    colours = legend_colors("jet", "relative", steps=3)
+    assert colours[0].endswith("0.00)") and colours[-1].endswith("1.00)")
+    assert all(c.endswith("1.00)") for c in legend_colors("jet", "minmax", steps=3))
