@@ -21,9 +21,10 @@ Deviations from the official code:
   R, as the official single-bag code does, then identity padding at the end). A bag alone and in
   a padded batch give the same output. The official code takes one bag at a time (`squeeze(0)`).
 - the attention weights are returned (the official forward computes them and returns None);
-- the selective scan runs in pure PyTorch on CPU (the official code only works with the fused
-  CUDA kernels; its non-fused fallback flips instead of reordering and does not run); with
-  `mamba-ssm` installed, CUDA tensors use the fused scan kernel;
+- the selective scan and the causal convolution run in PyTorch on CPU (fused by torch.compile,
+  `selective_scan.py`; the official code only works with the fused CUDA kernels; its non-fused
+  fallback flips instead of reordering and does not run); with `mamba-ssm` installed, CUDA tensors
+  use the fused scan kernel;
 - Δ = softplus(dt_proj(·)) is computed in float32 even under autocast (Mamba users report NaN
   losses with AMP);
 - `mamba_init=True` (off by default) keeps Mamba's Δ initialisation, which the official
