@@ -66,6 +66,21 @@ def test_scan_matches_float64_reference(
     assert relative_error(actual, expected) <= RELATIVE_TOLERANCE
 
 
+def test_padded_bags_scan_their_valid_steps_exactly() -> None:
+    """A right-padded batch (as MambaMIL scans it) with huge padding values and large Δ: every bag's
+    valid steps equal the float64 reference of that bag alone."""
+    lengths = [3 * SCAN_BLOCK + 5, SCAN_BLOCK + 1, 3]
+    u, delta, A, B, C, D = scan_inputs(3, lengths[0], 8, 16, delta_scale=50.0, seed=7)
+    for b, length in enumerate(lengths):
+        u[b, length:] = 1e4
+        delta[b, length:] = 1e3
+    actual = selective_scan(u, delta, A, B, C, D)
+    for b, length in enumerate(lengths):
+        alone = [t[b : b + 1, :length] for t in (u, delta)] + [A] + [t[b : b + 1, :length] for t in (B, C)] + [D]
+        expected = selective_scan_reference(*alone)
+        assert relative_error(actual[b : b + 1, :length], expected) <= RELATIVE_TOLERANCE
+
+
 def test_softplus_inside_the_scan_matches_the_reference() -> None:
     """Raw step sizes from -30 to 40, across F.softplus's linear threshold of 20."""
     u, _, A, B, C, D = scan_inputs(2, 100, 8, 16, delta_scale=1.0)
