@@ -1,6 +1,7 @@
 """MIL model benchmark: CPU forward time and peak memory of every registered model against bag size.
 
     uv run --locked python benchmarks/bench_models.py [--quick] [--out results.json]
+    uv run --locked python benchmarks/bench_models.py --mamba-ratio   # MambaMIL / ABMIL only
 
 Every registered model (`list_models()`, after importing every module of `wsi_mil.models`) runs a
 forward pass on one random bag `[1, N, 1024]` in eval mode under `torch.inference_mode()`, for
@@ -13,6 +14,12 @@ cell predicts it would (time and memory extrapolated with the model's own growth
 linear). Growth per doubling of N is 2^slope of a least-squares fit of log time (log memory)
 against log N over the cells with N ≥ 10k. MambaMIL's selective-scan time is measured inside its
 forward and compared with ABMIL's forward time at the same N, in the same run.
+
+`--mamba-ratio` measures only ABMIL and MambaMIL at N = 10k and 50k (or `--sizes`), each in two
+modes: forward (as above) and training step (train mode, forward + backward of the summed logits,
+after a warm-up step that also compiles the fused CPU kernels), with wall and CPU seconds and peak
+RSS per cell, and prints MambaMIL / ABMIL ratios per N and mode (JSON default:
+`benchmarks/results/mamba_vs_abmil.json`).
 
 The JSON (`--out`) is rewritten after every cell, so an interrupted run keeps what it measured.
 """
@@ -44,12 +51,16 @@ from wsi_mil.models import create_model, list_models
 ROOT = Path(__file__).resolve().parents[1]
 FULL_SIZES = (1_000, 10_000, 50_000, 100_000, 200_000)
 QUICK_SIZES = (1_000, 10_000)
+MAMBA_RATIO_SIZES = (10_000, 50_000)
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "models.json"
+MODES = ("forward", "train")
 IN_DIM = 1024
 NUM_CLASSES = 2
 MIB = 1 << 20
 #: a cell repeats its forward pass (up to MAX_REPEATS, median reported) while the passes so far
-#: took less than REPEAT_BUDGET_S in total
+#: took less than REPEAT_BUDGET_S in total; `--mamba-ratio` cells run at least MIN_RATIO_REPEATS
 MAX_REPEATS = 3
+MIN_RATIO_REPEATS = 2
 WARMUP_SIZE = 256
 REPEAT_BUDGET_S = 3.0
 
@@ -69,8 +80,13 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def run_cell(name: str, size: int, threads: int, connection: Connection) -> None:
-    """Child process: build the model and the bag, time up to MAX_REPEATS forwards, report the median."""
+def run_cell(
+    name: str, size: int, threads: int, connection: Connection, mode: str = "forward", min_repeats: int = 1
+) -> None:
+    """Child process: build the model and the bag, time up to MAX_REPEATS passes, report the median.
+
+    A pass is a forward under `inference_mode` (`mode="forward"`) or, for `mode="train"`, a
+    forward and backward of the summed logits in train mode."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     scan_seconds = [0.0]
@@ -86,24 +102,34 @@ def run_cell(name: str, size: int, threads: int, connection: Connection) -> None
             return result
 
         mamba_module.selective_scan = timed_scan
-    model = create_model(name, IN_DIM, NUM_CLASSES).eval()
-    with torch.inference_mode():  # warm-up: first-call costs (kernel selection, allocator) excluded
-        model(torch.randn(1, WARMUP_SIZE, IN_DIM))
+    model = create_model(name, IN_DIM, NUM_CLASSES).train(mode == "train")
+    grad_mode = torch.enable_grad() if mode == "train" else torch.inference_mode()
+
+    def one_pass(bag: torch.Tensor) -> None:
+        output = model(bag)
+        if mode == "train":
+            output.logits.sum().backward()
+            model.zero_grad(set_to_none=True)
+
+    with grad_mode:  # warm-up: first-call costs (kernel selection and compilation, allocator) excluded
+        one_pass(torch.randn(1, WARMUP_SIZE, IN_DIM))
     bag = torch.randn(1, size, IN_DIM)
     baseline = current_rss()
-    times, scans = [], []
-    with torch.inference_mode():
-        while len(times) < MAX_REPEATS and sum(times) < REPEAT_BUDGET_S:
+    times, cpu_times, scans = [], [], []
+    with grad_mode:
+        while len(times) < min_repeats or (len(times) < MAX_REPEATS and sum(times) < REPEAT_BUDGET_S):
             scan_seconds[0] = 0.0
-            start = time.perf_counter()
-            model(bag)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            one_pass(bag)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             scans.append(scan_seconds[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     connection.send(
         {
             "seconds": statistics.median(times),
             "all_seconds": times,
+            "cpu_seconds": statistics.median(cpu_times),
             "scan_seconds": statistics.median(scans) if name == "mamba_mil" else None,
             "peak_rss_mb": peak / MIB,
             "baseline_rss_mb": baseline / MIB,
@@ -113,10 +139,15 @@ def run_cell(name: str, size: int, threads: int, connection: Connection) -> None
     )
 
 
-def measure(name: str, size: int, *, threads: int, time_limit: float, memory_limit_gb: float) -> dict[str, Any]:
+def measure(
+    name: str, size: int, *, threads: int, time_limit: float, memory_limit_gb: float,
+    mode: str = "forward", min_repeats: int = 1,
+) -> dict[str, Any]:
     """Run one cell in a forked child, killing it past the time or memory limit."""
     receiver, sender = mp.get_context("fork").Pipe(duplex=False)
-    child = mp.get_context("fork").Process(target=run_cell, args=(name, size, threads, sender))
+    child = mp.get_context("fork").Process(
+        target=run_cell, args=(name, size, threads, sender, mode, min_repeats)
+    )
     start = time.perf_counter()
     child.start()
     watched = psutil.Process(child.pid)
@@ -129,7 +160,7 @@ def measure(name: str, size: int, *, threads: int, time_limit: float, memory_lim
             break
         if peak_seen > memory_limit_gb * (1 << 30):
             status = f"> {memory_limit_gb:g} GB"
-        elif time.perf_counter() - start > time_limit + REPEAT_BUDGET_S + 60:  # + build time
+        elif time.perf_counter() - start > min_repeats * time_limit + REPEAT_BUDGET_S + 60:  # + build
             status = f"> {time_limit:g} s"
         if status != "ok":
             child.kill()
@@ -233,10 +264,71 @@ def summarise(results: dict[str, Any]) -> None:
     results["mamba_vs_abmil"] = comparison
 
 
+def mamba_ratio_table(results: dict[str, Any]) -> str:
+    """Markdown: per N and mode, ABMIL and MambaMIL wall / CPU seconds, peak RSS and the ratios."""
+    lines = [
+        "| N | pass | ABMIL s (CPU s) | MambaMIL s (CPU s) | of which forward scans | wall ratio | CPU ratio | peak RSS ABMIL / MambaMIL (above baseline) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["ratios"]:
+        a, m = entry["abmil"], entry["mamba_mil"]
+        lines.append(
+            f"| {entry['size']:,} | {entry['mode']} | {a['seconds']:.2f} ({a['cpu_seconds']:.2f}) | "
+            f"{m['seconds']:.2f} ({m['cpu_seconds']:.2f}) | {m['scan_seconds']:.2f} | "
+            f"×{entry['wall_ratio']:.1f} | ×{entry['cpu_ratio']:.1f} | "
+            f"{a['peak_rss_mb'] / 1024:.2f} / {m['peak_rss_mb'] / 1024:.2f} GB "
+            f"({a['forward_peak_mb'] / 1024:.2f} / {m['forward_peak_mb'] / 1024:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def run_mamba_ratio(args: argparse.Namespace, sizes: tuple[int, ...]) -> None:
+    """ABMIL and MambaMIL, forward and training step, each cell in its own process; ratios per N."""
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("mamba_vs_abmil.json")
+    results: dict[str, Any] = {
+        "sizes": list(sizes),
+        "setup": {
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "load_average_start": os.getloadavg(),
+        },
+        "cells": [],
+        "ratios": [],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        for mode in MODES:
+            pair = {}
+            for name in ("abmil", "mamba_mil"):
+                cell = measure(
+                    name, size, threads=args.threads, time_limit=args.time_limit,
+                    memory_limit_gb=args.memory_limit_gb, mode=mode, min_repeats=MIN_RATIO_REPEATS,
+                )
+                results["cells"].append({"model": name, "size": size, "mode": mode, **cell})
+                print(f"{name:>10} N={size:>7,} {mode:>7}: {format_cell(cell)}", file=sys.stderr, flush=True)
+                pair[name] = cell
+            if all(c["status"] == "ok" for c in pair.values()):
+                results["ratios"].append(
+                    {
+                        "size": size,
+                        "mode": mode,
+                        **pair,
+                        "wall_ratio": pair["mamba_mil"]["seconds"] / pair["abmil"]["seconds"],
+                        "cpu_ratio": pair["mamba_mil"]["cpu_seconds"] / pair["abmil"]["cpu_seconds"],
+                    }
+                )
+            results["setup"]["load_average_end"] = os.getloadavg()
+            out.write_text(json.dumps(results, indent=2))
+    print(mamba_ratio_table(results))
+    print(f"\nJSON: {out}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1k and 10k only (about 2 minutes)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "models.json")
+    parser.add_argument("--mamba-ratio", action="store_true", help="MambaMIL vs ABMIL, forward and training step")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--models", default="*", help="fnmatch pattern over registered model names")
     parser.add_argument("--sizes", help="comma-separated bag sizes instead of the default ladder")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per forward pass")
@@ -246,9 +338,12 @@ def main() -> None:
 
     failures = import_model_families()
     names = list_models(args.models)
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = MAMBA_RATIO_SIZES if args.mamba_ratio else QUICK_SIZES if args.quick else FULL_SIZES
     if args.sizes:
         sizes = tuple(sorted(int(n) for n in args.sizes.split(",")))
+    if args.mamba_ratio:
+        run_mamba_ratio(args, sizes)
+        return
     results: dict[str, Any] = {
         "sizes": list(sizes),
         "in_dim": IN_DIM,

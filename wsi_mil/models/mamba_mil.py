@@ -21,9 +21,10 @@ Deviations from the official code:
   R, as the official single-bag code does, then identity padding at the end). A bag alone and in
   a padded batch give the same output. The official code takes one bag at a time (`squeeze(0)`).
 - the attention weights are returned (the official forward computes them and returns None);
-- the selective scan runs in pure PyTorch on CPU (the official code only works with the fused
-  CUDA kernels; its non-fused fallback flips instead of reordering and does not run); with
-  `mamba-ssm` installed, CUDA tensors use the fused scan kernel;
+- the selective scan and the causal convolution run in PyTorch on CPU (fused by torch.compile,
+  `selective_scan.py`; the official code only works with the fused CUDA kernels; its non-fused
+  fallback flips instead of reordering and does not run); with `mamba-ssm` installed, CUDA tensors
+  use the fused scan kernel;
 - Δ = softplus(dt_proj(·)) is computed in float32 even under autocast (Mamba users report NaN
   losses with AMP);
 - `mamba_init=True` (off by default) keeps Mamba's Δ initialisation, which the official
@@ -46,7 +47,7 @@ from wsi_mil.models.base import MILModel, MILOutput, attention_contributions, re
 from wsi_mil.models.layers import AttentionScorer, attention_pool, masked_softmax, xavier_init_
 from wsi_mil.models.layers_sequence import pack_valid_first, restore_instance_order
 from wsi_mil.models.registry import register_model
-from wsi_mil.models.selective_scan import selective_scan
+from wsi_mil.models.selective_scan import causal_conv1d_silu, selective_scan
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -83,16 +84,14 @@ class ScanBranch(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[1]
-        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :length]).transpose(1, 2)  # [B, L, E]
+        u = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # [B, L, E]
         dt_low, b, c = torch.split(
             self.x_proj(u), [self.dt_rank, self.state_dim, self.state_dim], dim=-1
         )
-        with torch.autocast(u.device.type, enabled=False):
-            delta = F.softplus(
-                F.linear(dt_low.float(), self.dt_proj.weight.float(), self.dt_proj.bias.float())
-            )
-            return selective_scan(u, delta, -torch.exp(self.A_log.float()), b, c, self.D)
+        with torch.autocast(u.device.type, enabled=False):  # Δ = softplus(·) inside the scan, fp32
+            dt = F.linear(dt_low.float(), self.dt_proj.weight.float(), self.dt_proj.bias.float())
+            A = -torch.exp(self.A_log.float())
+            return selective_scan(u, dt, A, b, c, self.D, delta_softplus=True)
 
 
 def reorder_indices(
