@@ -9,6 +9,7 @@ from typing import overload
 
 import torch
 
+from wsi_mil.models.layers import pad_sequences
 from wsi_mil.training.methods.base import Bag, Batch
 
 
@@ -16,15 +17,9 @@ def pad_bags(bags: Sequence[Bag]) -> Batch:
     """Stack bags into `features [B, N_max, D]` zero-padded, `mask [B, N_max]`, `labels [B]`."""
     if not bags:
         raise ValueError("cannot batch zero bags")
-    sizes = [bag.features.shape[0] for bag in bags]
-    if min(sizes) < 1:
+    if min(bag.features.shape[0] for bag in bags) < 1:
         raise ValueError("every bag needs at least one instance")
-    dim = bags[0].features.shape[1]
-    features = bags[0].features.new_zeros((len(bags), max(sizes), dim))
-    mask = torch.zeros((len(bags), max(sizes)), dtype=torch.bool)
-    for i, bag in enumerate(bags):
-        features[i, : sizes[i]] = bag.features
-        mask[i, : sizes[i]] = True
+    features, mask = pad_sequences([bag.features for bag in bags])
     labels = torch.tensor([bag.label for bag in bags], dtype=torch.long)
     return Batch(features, mask, labels, [bag.slide_id for bag in bags])
 

@@ -110,7 +110,9 @@ class TrainingMethod:
             bag_loss = nn.functional.cross_entropy(output.logits.float(), batch.labels, weight=weight)
         terms: dict[str, torch.Tensor] = {"bag": bag_loss}
         terms.update(output.aux_losses)
-        terms.update(model.aux_losses(output, batch.labels))
+        label_losses = getattr(model, "aux_losses", None)  # a plain nn.Module following the contract has none
+        if label_losses is not None:
+            terms.update(label_losses(output, batch.labels))
         terms.update(extra or {})
         loss = sum((self.aux_weights.get(k, 1.0) * v.float() for k, v in terms.items()), torch.zeros((), device=bag_loss.device))
         return StepResult(loss, output, {k: float(v.detach()) for k, v in terms.items()})

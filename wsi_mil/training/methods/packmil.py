@@ -51,6 +51,7 @@ from torch import nn
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
+from wsi_mil.models.layers import pad_sequences
 from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
 from wsi_mil.training.methods import register_method
 from wsi_mil.training.methods.base import Bag, Batch, StepResult, TrainingMethod
@@ -143,17 +144,6 @@ def greedy_packs(lengths: Sequence[int], *, pack_len: int, min_len: int) -> list
     return indices
 
 
-def _pad_rows(rows: Sequence[torch.Tensor], dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack `[n_i, D]` rows into zero-padded `features [R, max n_i, D]` and `mask [R, max n_i]`."""
-    length = max(1, max(len(r) for r in rows))
-    features = like.new_zeros((len(rows), length, dim))
-    mask = torch.zeros((len(rows), length), dtype=torch.bool, device=like.device)
-    for i, row in enumerate(rows):
-        features[i, : len(row)] = row
-        mask[i, : len(row)] = True
-    return features, mask
-
-
 def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: int) -> Batch:
     """The attention-driven downsampler: per row, keep the `downsampled_length` instances with the
     highest attention of `model` (one no-grad, eval-mode forward), in their original order."""
@@ -172,7 +162,7 @@ def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: in
         model.train(was_training)
     ranked = attention.masked_fill(~parts.mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
     rows = [parts.features[b, ranked[b, :t].sort().values] for b, t in enumerate(targets)]
-    features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+    features, mask = pad_sequences(rows)
     return Batch(features, mask, parts.labels, parts.slide_ids)
 
 
@@ -210,7 +200,7 @@ def pack_hyperslides(
         rows.append(torch.cat(tokens))
         targets.append(hyperslide_targets(parts.labels[members], weights, num_classes=num_classes, normalize=normalize))
         names.append("+".join(parts.slide_ids[i] for i in members) if parts.slide_ids else str(group))
-    features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+    features, mask = pad_sequences(rows)
     soft = torch.stack(targets)
     return Batch(features, mask, soft.argmax(dim=1), names, soft)
 
@@ -310,10 +300,9 @@ class PackMILMethod(TrainingMethod):
             )
             kept_rows.append(bag.features[kept])
             discarded_rows.append(bag.features[discarded])
-        dim = bags[0].features.shape[1]
         labels = torch.tensor([bag.label for bag in bags], dtype=torch.long)
         slide_ids = [bag.slide_id for bag in bags]
-        features, mask = _pad_rows(kept_rows, dim, bags[0].features)
+        features, mask = pad_sequences(kept_rows)
 
         def packing(rows: list[torch.Tensor]) -> torch.Tensor:
             lengths = [downsampled_length(len(r), ratio=self.ratio, min_len=self.min_len) for r in rows]
@@ -321,7 +310,7 @@ class PackMILMethod(TrainingMethod):
 
         residual_parts, hyperslides = None, None
         if self.residual:
-            residual_features, residual_mask = _pad_rows(discarded_rows, dim, bags[0].features)
+            residual_features, residual_mask = pad_sequences(discarded_rows)
             residual_parts = Batch(residual_features, residual_mask, labels, slide_ids)
             hyperslides = packing(discarded_rows)
         return PackedBatch(
@@ -374,7 +363,7 @@ class PackMILMethod(TrainingMethod):
                 rows.append(self.downsampler.grouped(tokens, self.ratio))
             else:
                 rows.append(self.downsampler(tokens.unsqueeze(0))[0])
-        features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+        features, mask = pad_sequences(rows)
         return Batch(features, mask, parts.labels, parts.slide_ids)
 
     def compute_loss(self, model: MILModel, batch: Batch, *, progress: float) -> StepResult:
