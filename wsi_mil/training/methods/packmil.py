@@ -5,7 +5,9 @@ Per training step (one mini-batch of `batch_size` slides), every slide is split 
 kept part (`main_fraction` of its instances) and a discarded part (the rest); each part is capped
 at `pack_len · r` random instances (r = `downsample_ratio` with the downsampler on, else 1), and
 slides with fewer than `min_len · r` instances go whole into both parts. The kept parts are
-packed greedily in batch order into packs of at most `pack_len` tokens; the discarded parts are
+packed greedily in batch order into packs of at most `pack_len` tokens (doubled for a mini-batch
+whose longest slide has more than `pack_len · downsample_ratio` instances in a part: the official
+rule, which divides by the ratio even without a downsampler); the discarded parts are
 packed the same way, and each of those packs is one hyperslide supervised by the mixture of its
 slides' labels. Loss: `L_main + residual_weight · L_residual`.
 
@@ -57,6 +59,7 @@ from wsi_mil.training.methods import register_method
 from wsi_mil.training.methods.base import Bag, Batch, StepResult, TrainingMethod
 
 Downsample = Literal["none", "attention", "ads"]
+AdaptiveRule = Literal["official", "applied_ratio"]
 ResidualLoss = Literal["ce", "bce", "focal", "asl_single"]
 
 
@@ -241,6 +244,7 @@ class PackMILMethod(TrainingMethod):
         pack_len: int = 2400,
         min_len: int = 128,
         adaptive_pack_len: bool = True,
+        adaptive_rule: AdaptiveRule = "official",
         downsample: Downsample = "none",
         downsample_ratio: int = 4,
         residual: bool = True,
@@ -260,6 +264,10 @@ class PackMILMethod(TrainingMethod):
             raise TrainingConfigError(
                 f"PackMIL downsample must be 'none', 'attention' or 'ads', got {downsample!r} (method_kwargs.downsample)"
             )
+        if adaptive_rule not in ("official", "applied_ratio"):
+            raise TrainingConfigError(
+                f"PackMIL adaptive_rule must be 'official' or 'applied_ratio', got {adaptive_rule!r} (method_kwargs.adaptive_rule)"
+            )
         if downsample_ratio < 1:
             raise TrainingConfigError(f"PackMIL downsample_ratio must be ≥ 1, got {downsample_ratio} (method_kwargs.downsample_ratio)")
         if residual_loss not in ("ce", "bce", "focal", "asl_single"):
@@ -272,6 +280,8 @@ class PackMILMethod(TrainingMethod):
         self.pack_len = pack_len
         self.min_len = min_len
         self.adaptive_pack_len = adaptive_pack_len
+        self.adaptive_rule = adaptive_rule
+        self.downsample_ratio = downsample_ratio
         self.downsample = downsample
         self.ratio = downsample_ratio if downsample != "none" else 1
         self.downsampler: AttentionDownsampler | None = None
@@ -281,10 +291,17 @@ class PackMILMethod(TrainingMethod):
         self.token_weighted_labels = token_weighted_labels
 
     def step_pack_len(self, sizes: Sequence[int]) -> int:
-        """The pack length of a mini-batch with these slide sizes (doubled for long slides when adaptive)."""
+        """The pack length of a mini-batch with these slide sizes (doubled for long slides when adaptive).
+
+        `adaptive_rule: official` divides the longest part by `downsample_ratio` whether or not a
+        downsampler runs (the official `residual_downsample_r`, default 4), so without one the length
+        doubles from 19,208 instances at the defaults; `applied_ratio` divides by the ratio applied
+        (1 without a downsampler: doubling from 4,802).
+        """
         if not self.adaptive_pack_len:
             return self.pack_len
-        return adaptive_pack_len(max(sizes), main_fraction=self.main_fraction, ratio=self.ratio, pack_len=self.pack_len)
+        ratio = self.downsample_ratio if self.adaptive_rule == "official" else self.ratio
+        return adaptive_pack_len(max(sizes), main_fraction=self.main_fraction, ratio=ratio, pack_len=self.pack_len)
 
     def pack(self, bags: Sequence[Bag], *, generator: torch.Generator) -> PackedBatch:
         """Split, sample and pack one mini-batch of bags into a `PackedBatch`."""
