@@ -27,14 +27,20 @@ from torch import nn
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
 from wsi_mil.training.batching import (
+    BagStore,
     EpochBags,
+    bag_shares,
+    bagwise_steps,
     balanced_sample_weights,
+    combine_results,
     epoch_order,
     inverse_frequency_class_weights,
     padded_batches,
+    prefetched,
+    size_grouped_order,
 )
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods.base import Bag, TrainingMethod
+from wsi_mil.training.methods.base import Bag, Batch, StepResult, TrainingMethod
 from wsi_mil.training.metrics import classification_metrics, is_improvement, selection_key
 
 log = logging.getLogger(__name__)
@@ -165,7 +171,7 @@ def predict_bags(
     try:
         for bag in bags:
             with _autocast(device, amp):
-                output = model(bag.features.unsqueeze(0).to(device), None)
+                output = model(bag.features.unsqueeze(0).to(device, torch.float32), None)
             probs.append(torch.softmax(output.logits.float(), dim=-1)[0].cpu().numpy())
             attention.append(output.attention[0].float().cpu().numpy())
             labels.append(bag.label)
@@ -210,7 +216,11 @@ class _Trainer:
         self.amp = config.amp and self.device.type == "cuda"
         self.model = model.to(self.device)
         self.method = method
-        self.train_bags = train_bags
+        self.train_bags = cached_bags(train_bags, config=config, device=self.device)
+        self.per_bag = config.batch_execution == "per_bag" or (
+            config.batch_execution == "auto" and self.device.type == "cpu"
+        )
+        method.device, method.per_bag = self.device, self.per_bag
         self.steps_per_epoch = math.ceil(len(train_bags) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         train_labels = [bag_label(train_bags, i) for i in range(len(train_bags))]
@@ -282,24 +292,45 @@ class _Trainer:
                     "stale_epochs", "stopped_early", "history"):
             setattr(self, key, state[key])
 
-    def batches(self) -> Iterator[Any]:
+    def batches(self) -> Iterator[Batch | list[Batch]]:
+        """This epoch's steps, built on the device by a background thread a few steps ahead: padded
+        batches, the bags of each step one by one (`per_bag`), or the method's own batches.
+
+        All randomness comes from `self.generator`, drawn in a fixed order (the producer thread is
+        its only user during the epoch), so steps are the same with or without prefetching.
+        """
+        config = self.config
         order = epoch_order(len(self.train_bags), generator=self.generator, sample_weights=self.sample_weights)
-        epoch_bags = EpochBags(
-            self.train_bags, order, max_instances=self.config.max_instances, generator=self.generator
-        )
-        custom = self.method.make_batches(epoch_bags, batch_size=self.config.batch_size, generator=self.generator)
-        return custom if custom is not None else padded_batches(epoch_bags, batch_size=self.config.batch_size)
+        if config.group_by_size and config.batch_size > 1:
+            cap = config.max_instances or math.inf
+            sizes = [min(bag_size(self.train_bags, i), cap) for i in range(len(self.train_bags))]
+            order = size_grouped_order(order, sizes, batch_size=config.batch_size, generator=self.generator)
+        epoch_bags = EpochBags(self.train_bags, order, max_instances=config.max_instances, generator=self.generator)
+        steps = self.method.make_batches(epoch_bags, batch_size=config.batch_size, generator=self.generator)
+        if steps is None and self.per_bag:
+            steps = bagwise_steps(epoch_bags, batch_size=config.batch_size, device=self.device)
+        elif steps is None:
+            steps = padded_batches(epoch_bags, batch_size=config.batch_size, device=self.device, dtype=torch.float32)
+        return prefetched(steps, depth=config.prefetch_batches)
+
+    def step_loss(self, step: Batch | list[Batch], progress: float) -> StepResult:
+        """The method's loss of one step; the bags of a `per_bag` step one by one, combined as the
+        padded batch's (class-weighted) mean."""
+        if isinstance(step, Batch):
+            return self.method.compute_loss(self.model, step.to(self.device), progress=progress)
+        results = [self.method.compute_loss(self.model, bag, progress=progress) for bag in step]
+        labels = torch.cat([bag.labels for bag in step])
+        return combine_results(results, bag_shares(labels, self.method.class_weights))
 
     def train_epoch(self) -> tuple[float, dict[str, float]]:
         """One pass over the training bags; returns the mean loss and mean loss terms."""
         self.model.train()
         losses: list[float] = []
         terms: dict[str, list[float]] = {}
-        for batch in self.batches():
-            batch = batch.to(self.device)
+        for step in self.batches():
             progress = min(1.0, self.step / self.total_steps)
             with _autocast(self.device, self.amp):
-                result = self.method.compute_loss(self.model, batch, progress=progress)
+                result = self.step_loss(step, progress)
             if not torch.isfinite(result.loss):
                 raise TrainingConfigError(
                     f"non-finite training loss in fold {self.fold}, epoch {self.epoch + 1} "
@@ -335,6 +366,19 @@ def bag_label(bags: Sequence[Bag], index: int) -> int:
     return int(labels[index]) if labels is not None else int(bags[index].label)
 
 
+def bag_size(bags: Sequence[Bag], index: int) -> int:
+    """The instance count of `bags[index]`, without loading features when the sequence knows its sizes."""
+    sizes = getattr(bags, "sizes", None)
+    return int(sizes[index]) if sizes is not None else int(bags[index].features.shape[0])
+
+
+def cached_bags(bags: Sequence[Bag], *, config: TrainConfig, device: torch.device) -> Sequence[Bag]:
+    """`bags` read once into a `BagStore` (pinned for CUDA) when `config.cache_features`, else as given."""
+    if not config.cache_features or isinstance(bags, BagStore):
+        return bags
+    return BagStore(bags, pin_memory=device.type == "cuda")
+
+
 def fit(
     model: MILModel,
     method: TrainingMethod,
@@ -360,6 +404,7 @@ def fit(
         raise TrainingConfigError(f"fold {fold} needs training and validation bags; check the splits")
     with deterministic_mode(config.deterministic):
         trainer = _Trainer(model, method, train_bags, config=config, num_classes=num_classes, fold=fold)
+        val_bags = cached_bags(val_bags, config=config, device=trainer.device)
         if checkpoint_path is not None and checkpoint_path.exists():
             trainer.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
             log.info("fold %d: resumed from %s after epoch %d", fold, checkpoint_path, trainer.epoch)

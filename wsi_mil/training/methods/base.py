@@ -61,6 +61,11 @@ class TrainingMethod:
     name = "plain"
     #: per-class loss weights `[C]` the trainer sets for `balance: class_weights`; None = unweighted
     class_weights: torch.Tensor | None = None
+    #: where the trainer runs the model: custom batches (`make_batches`) are built there
+    device: torch.device = torch.device("cpu")
+    #: the trainer's `batch_execution`: True = run the bags of a step through the model one by one
+    #: (no padding) and combine their losses; custom batches honour it in `compute_loss`
+    per_bag: bool = False
 
     def __init__(self, *, aux_weights: dict[str, float] | None = None) -> None:
         self.aux_weights = dict(aux_weights or {})

@@ -55,6 +55,7 @@ from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
 from wsi_mil.models.layers import pad_sequences
 from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
+from wsi_mil.training.batching import bag_shares, combine_results, unpadded_rows
 from wsi_mil.training.methods import register_method
 from wsi_mil.training.methods.base import Bag, Batch, StepResult, TrainingMethod
 
@@ -147,9 +148,10 @@ def greedy_packs(lengths: Sequence[int], *, pack_len: int, min_len: int) -> list
     return indices
 
 
-def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: int) -> Batch:
+def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: int, per_bag: bool = False) -> Batch:
     """The attention-driven downsampler: per row, keep the `downsampled_length` instances with the
-    highest attention of `model` (one no-grad, eval-mode forward), in their original order."""
+    highest attention of `model` (one no-grad, eval-mode forward, or one per row with `per_bag`),
+    in their original order."""
     sizes = parts.mask.sum(dim=1)
     targets = [downsampled_length(int(n), ratio=ratio, min_len=min_len) for n in sizes]
     if targets == sizes.tolist():
@@ -160,7 +162,11 @@ def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: in
     model.eval()
     try:
         with torch.no_grad():
-            attention = model(parts.features, probe_mask).attention.float()  # [B, N]
+            if per_bag:
+                rows = unpadded_rows(Batch(parts.features, probe_mask, parts.labels, parts.slide_ids))
+                attention = pad_sequences([model(row.features, None).attention[0].float().unsqueeze(-1) for row in rows])[0][..., 0]
+            else:
+                attention = model(parts.features, probe_mask).attention.float()  # [B, N]
     finally:
         model.train(was_training)
     ranked = attention.masked_fill(~parts.mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
@@ -315,11 +321,12 @@ class PackMILMethod(TrainingMethod):
                 bag.features.shape[0], main_fraction=self.main_fraction, min_len=self.min_len,
                 ratio=self.ratio, pack_len=pack_len, generator=generator,
             )
-            kept_rows.append(bag.features[kept])
-            discarded_rows.append(bag.features[discarded])
-        labels = torch.tensor([bag.label for bag in bags], dtype=torch.long)
+            features = bag.features.to(self.device, non_blocking=True)  # once per bag; the parts are cut on the device
+            kept_rows.append(features[kept.to(self.device)])
+            discarded_rows.append(features[discarded.to(self.device)])
+        labels = torch.tensor([bag.label for bag in bags], dtype=torch.long, device=self.device)
         slide_ids = [bag.slide_id for bag in bags]
-        features, mask = pad_sequences(kept_rows)
+        features, mask = pad_sequences(kept_rows, dtype=torch.float32)
 
         def packing(rows: list[torch.Tensor]) -> torch.Tensor:
             lengths = [downsampled_length(len(r), ratio=self.ratio, min_len=self.min_len) for r in rows]
@@ -327,7 +334,7 @@ class PackMILMethod(TrainingMethod):
 
         residual_parts, hyperslides = None, None
         if self.residual:
-            residual_features, residual_mask = pad_sequences(discarded_rows)
+            residual_features, residual_mask = pad_sequences(discarded_rows, dtype=torch.float32)
             residual_parts = Batch(residual_features, residual_mask, labels, slide_ids)
             hyperslides = packing(discarded_rows)
         return PackedBatch(
@@ -363,7 +370,7 @@ class PackMILMethod(TrainingMethod):
         if self.downsample == "none":
             return parts
         if self.downsample == "attention":
-            return keep_top_attention(model, parts, ratio=self.ratio, min_len=self.min_len)
+            return keep_top_attention(model, parts, ratio=self.ratio, min_len=self.min_len, per_bag=self.per_bag)
         return self._ads(parts, training=model.training)
 
     def _ads(self, parts: Batch, *, training: bool) -> Batch:
@@ -388,7 +395,6 @@ class PackMILMethod(TrainingMethod):
         if not isinstance(batch, PackedBatch):
             return super().compute_loss(model, batch, progress=progress)
         main = self._downsampled(model, batch)
-        output = model(main.features, main.mask)
         extra: dict[str, torch.Tensor] = {}
         hyperslides = None
         if batch.residual is not None and batch.hyperslide_index is not None:
@@ -399,11 +405,22 @@ class PackMILMethod(TrainingMethod):
                 token_weighted=self.token_weighted_labels,
             )
         if hyperslides is not None and hyperslides.soft_labels is not None:
-            residual_output = model(hyperslides.features, hyperslides.mask)
-            extra["residual"] = self.residual_weight * residual_loss(
-                residual_output.logits, hyperslides.soft_labels, self.residual_loss
+            if self.per_bag:
+                logits = torch.cat([model(row.features, None).logits for row in unpadded_rows(hyperslides)])
+            else:
+                logits = model(hyperslides.features, hyperslides.mask).logits
+            extra["residual"] = self.residual_weight * residual_loss(logits, hyperslides.soft_labels, self.residual_loss)
+        if self.per_bag:
+            rows = unpadded_rows(main)
+            result = combine_results(
+                [self.supervised_loss(model, model(row.features, None), row) for row in rows],
+                bag_shares(main.labels, self.class_weights),
             )
-        result = self.supervised_loss(model, output, main, extra)
+            for name, value in extra.items():
+                result.loss = result.loss + self.aux_weights.get(name, 1.0) * value.float()
+                result.terms[name] = float(value.detach())
+        else:
+            result = self.supervised_loss(model, model(main.features, main.mask), main, extra)
         result.terms["main_tokens"] = float(main.mask.sum())
         if hyperslides is not None:
             result.terms["residual_tokens"] = float(hyperslides.mask.sum())
