@@ -30,6 +30,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 
 from wsi_mil.atomic import write_json_atomic
 from wsi_mil.models import create_model
+from wsi_mil.training.batching import BagStore
 from wsi_mil.training.config import TrainConfig
 from wsi_mil.training.methods import Bag, create_method
 from wsi_mil.training.trainer import EpochReport, fit
@@ -114,12 +116,13 @@ def run_setup(setup: str, options: dict[str, Any]) -> dict[str, Any]:
     device = args.device
     sizes = lognormal_sizes(args.cohort_bags, median=args.median, sigma=args.sigma, seed=args.seed)
     cohort = synthetic_cohort(sizes, dim=args.dim, seed=args.seed, dtype=getattr(torch, args.dtype))
-    bags = cohort[: args.bags]
-    val = [Bag(cohort[0].features[:64], 0, "val_0"), Bag(cohort[1].features[:64], 1, "val_1")]
+    pinned = device.startswith("cuda")
+    bags = BagStore(cohort[: args.bags], pin_memory=pinned)  # the trainer's feature cache, built before timing
+    val = BagStore([Bag(cohort[0].features[:64], 0, "val_0"), Bag(cohort[1].features[:64], 1, "val_1")], pin_memory=pinned)
     method_name, method_kwargs, _, _ = SETUPS[setup]
     config = config_for(setup, batch_size=args.batch_size, device=device, seed=args.seed)
 
-    def one_epoch(train: list[Bag]) -> EpochReport:
+    def one_epoch(train: Sequence[Bag]) -> EpochReport:
         reports: list[EpochReport] = []
         torch.manual_seed(args.seed)
         model = create_model(args.model, args.dim, 2)
@@ -128,7 +131,7 @@ def run_setup(setup: str, options: dict[str, Any]) -> dict[str, Any]:
         return reports[-1]
 
     rss_before = peak_rss_gb()
-    one_epoch(bags[: max(2, 2 * config.batch_size)])
+    one_epoch(BagStore(cohort[: max(2, 2 * config.batch_size)], pin_memory=pinned))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

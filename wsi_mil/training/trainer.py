@@ -313,14 +313,29 @@ class _Trainer:
             steps = padded_batches(epoch_bags, batch_size=config.batch_size, device=self.device, dtype=torch.float32)
         return prefetched(steps, depth=config.prefetch_batches)
 
-    def step_loss(self, step: Batch | list[Batch], progress: float) -> StepResult:
-        """The method's loss of one step; the bags of a `per_bag` step one by one, combined as the
-        padded batch's (class-weighted) mean."""
-        if isinstance(step, Batch):
-            return self.method.compute_loss(self.model, step.to(self.device), progress=progress)
-        results = [self.method.compute_loss(self.model, bag, progress=progress) for bag in step]
-        labels = torch.cat([bag.labels for bag in step])
-        return combine_results(results, bag_shares(labels, self.method.class_weights))
+    def forward_backward(self, step: Batch | list[Batch], progress: float) -> StepResult:
+        """Forward and backward of one step (gradients accumulate; the caller zeroes them first).
+
+        The bags of a `per_bag` step go one at a time, each loss weighted by the bag's share of the
+        padded batch's (class-weighted) mean, so only one bag's activations are alive at once.
+        Returns the step's (detached) loss and terms.
+        """
+        batches = [step.to(self.device)] if isinstance(step, Batch) else step
+        shares = [1.0] if isinstance(step, Batch) else bag_shares(
+            torch.cat([batch.labels for batch in step]), self.method.class_weights
+        )
+        results = []
+        for batch, share in zip(batches, shares, strict=True):
+            with _autocast(self.device, self.amp):
+                result = self.method.compute_loss(self.model, batch, progress=progress)
+            if not torch.isfinite(result.loss):
+                raise TrainingConfigError(
+                    f"non-finite training loss in fold {self.fold}, epoch {self.epoch + 1} "
+                    f"(terms {result.terms}); lower --lr or set grad_clip_norm"
+                )
+            (share * result.loss).backward()
+            results.append(StepResult(result.loss.detach(), result.output, result.terms))
+        return combine_results(results, shares)
 
     def train_epoch(self) -> tuple[float, dict[str, float]]:
         """One pass over the training bags; returns the mean loss and mean loss terms."""
@@ -328,23 +343,15 @@ class _Trainer:
         losses: list[float] = []
         terms: dict[str, list[float]] = {}
         for step in self.batches():
-            progress = min(1.0, self.step / self.total_steps)
-            with _autocast(self.device, self.amp):
-                result = self.step_loss(step, progress)
-            if not torch.isfinite(result.loss):
-                raise TrainingConfigError(
-                    f"non-finite training loss in fold {self.fold}, epoch {self.epoch + 1} "
-                    f"(terms {result.terms}); lower --lr or set grad_clip_norm"
-                )
             self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
+            result = self.forward_backward(step, min(1.0, self.step / self.total_steps))
             if self.config.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(list(self.parameters()), self.config.grad_clip_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             self.method.after_optimizer_step(self.model, progress=min(1.0, self.step / self.total_steps))
-            losses.append(float(result.loss.detach()))
+            losses.append(float(result.loss))
             for name, value in result.terms.items():
                 terms.setdefault(name, []).append(value)
         return float(np.mean(losses)), {k: float(np.mean(v)) for k, v in terms.items()}

@@ -22,7 +22,9 @@ hold at most `pack_len` tokens in total, so the token budget of a step is the of
 result for any mask-respecting model. The discarded parts travel per slide (`residual`, rows in
 batch order, `hyperslide_index [B]`) and are concatenated into hyperslides (`[H, L, D]`, one bag
 per hyperslide, soft labels in `Batch.soft_labels`) inside `compute_loss`, after the optional
-downsampler.
+downsampler. The parts are cut on the trainer's device; with `per_bag` (the trainer's CPU default)
+each kept part and each hyperslide runs through the model on its own, unpadded, with the same
+loss means.
 
 Deviations from the official code (FangHeng/PackMIL):
 - two downsamplers: `downsample="ads"` is the official learned ADS (`wsi_mil.models.packmil_ads`:
@@ -36,6 +38,8 @@ Deviations from the official code (FangHeng/PackMIL):
   order matters only for order-aware backbones;
 - every slide keeps at least one instance; the last, smaller mini-batch of an epoch is used
   (the official loader drops it) so the trainer's step count and schedules stay exact;
+- the trainer's `group_by_size` (default) gives mini-batches of slides of similar size (the
+  official loader draws them at random), so fewer mini-batches double their pack length;
 - residual targets for grading (ISUP) and survival are not implemented; `bce`/`focal` use the
   max-normalised multi-hot mixture, `ce`/`asl_single` the sum-normalised one.
 """
