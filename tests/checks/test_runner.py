@@ -108,6 +108,19 @@ class AuxOnlyParameter(MeanPoolMIL):
         return {"labelled": self.labelled**2 * target.float().mean()}
 
 
+class SingleLogit(MeanPoolMIL):
+    """A positive-score-only model: logits `[B, 1]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, 1)
+
+
+def test_checks_train_with_the_trainers_two_class_loss() -> None:
+    with pytest.raises(MilCheckError, match="num_classes=2"):
+        run_mil_check(SingleLogit, **TINY)
+
+
 def test_auxiliary_losses_are_trained() -> None:
     models: list[AuxOnlyParameter] = []
 

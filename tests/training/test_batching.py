@@ -1,6 +1,9 @@
-"""Batching: padding with masks, the per-bag instance cap, class weights and the balanced sampler."""
+"""The input pipeline: padding with masks, per-bag steps, size-grouped batches, the feature store,
+prefetching, the per-bag instance cap, class weights and the balanced sampler."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -8,12 +11,19 @@ import torch
 from wsi_mil.models import create_model
 from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import (
+    BagStore,
     EpochBags,
+    bag_shares,
+    bagwise_steps,
     balanced_sample_weights,
+    combine_results,
     epoch_order,
     inverse_frequency_class_weights,
     pad_bags,
     padded_batches,
+    prefetched,
+    size_grouped_order,
+    unpadded_rows,
 )
 from wsi_mil.training.methods import create_method
 
@@ -84,3 +94,95 @@ def test_class_weights_balance_the_loss():
     soft = torch.nn.functional.one_hot(batch.labels, 2).float()
     batch.soft_labels = soft
     assert method.compute_loss(model, batch, progress=0.0).terms["bag"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("class_weights", [None, torch.tensor([0.5, 2.0])])
+def test_a_per_bag_step_gives_the_padded_batchs_loss_and_gradients(class_weights):
+    torch.manual_seed(0)
+    model = create_model("abmil", 3, 2, dropout=0.0, attention_dropout=0.0)
+    method = create_method("plain")
+    method.class_weights = class_weights
+    bags = [Bag(torch.randn(n, 3), label, f"b{n}") for n, label in ((5, 0), (2, 1), (7, 1), (3, 0))]
+    padded = method.compute_loss(model, pad_bags(bags), progress=0.0)
+    padded.loss.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    (step,) = list(bagwise_steps(bags, batch_size=4, device="cpu"))
+    assert [b.features.shape[1] for b in step] == [5, 2, 7, 3]  # nothing padded
+    labels = torch.cat([b.labels for b in step])
+    combined = combine_results([method.compute_loss(model, b, progress=0.0) for b in step], bag_shares(labels, class_weights))
+    combined.loss.backward()
+    torch.testing.assert_close(combined.loss, padded.loss)
+    assert combined.terms["bag"] == pytest.approx(padded.terms["bag"], rel=1e-5)
+    for got, want in zip(_grads(model), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_unpadded_rows_are_views_cut_to_each_bags_length():
+    batch = pad_bags(_bags([2, 4, 1]))
+    rows = unpadded_rows(batch)
+    assert [r.features.shape for r in rows] == [(1, 2, 3), (1, 4, 3), (1, 1, 3)]
+    assert all(r.mask.all() for r in rows) and [r.slide_ids for r in rows] == [["b0"], ["b1"], ["b2"]]
+    assert rows[1].features.data_ptr() == batch.features[1].data_ptr()
+
+
+def test_size_grouped_batches_pad_less_and_keep_every_bag_once():
+    sizes = torch.randint(10, 1000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(1)).tolist()
+    grouped = size_grouped_order(order, sizes, batch_size=8, generator=torch.Generator().manual_seed(2), group_batches=5)
+    assert sorted(grouped) == list(range(200))
+
+    def padded_cost(indices: list[int]) -> int:
+        return sum(8 * max(sizes[i] for i in indices[s : s + 8]) for s in range(0, len(indices), 8))
+
+    assert padded_cost(grouped) < 0.8 * padded_cost(order)
+    again = size_grouped_order(order, sizes, batch_size=8, generator=torch.Generator().manual_seed(2), group_batches=5)
+    other = size_grouped_order(order, sizes, batch_size=8, generator=torch.Generator().manual_seed(3), group_batches=5)
+    assert grouped == again and grouped != other
+    odd = size_grouped_order(order[:13], sizes, batch_size=4, generator=torch.Generator(), group_batches=2)
+    assert sorted(odd) == sorted(order[:13]) and odd[-1] in order[8:13]  # the smaller batch stays last
+
+
+def test_the_store_reads_each_bag_once_at_its_dtype_and_knows_sizes_and_labels():
+    reads: list[int] = []
+
+    class Counting(list):
+        def __getitem__(self, index):
+            reads.append(index)
+            return super().__getitem__(index)
+
+    source = Counting(Bag(torch.randn(n, 4).half(), n % 2, f"s{n}") for n in (3, 5, 2))
+    store = BagStore(source)
+    assert reads == [0, 1, 2] and store.sizes == [3, 5, 2] and store.labels == [1, 1, 0]
+    assert store[1].features.dtype == torch.float16 and store.nbytes == 10 * 4 * 2
+    epoch = EpochBags(store, [2, 0, 1, 0], max_instances=None, generator=torch.Generator())
+    batch = pad_bags([epoch[i] for i in range(4)], dtype=torch.float32)
+    assert batch.features.dtype == torch.float32 and reads == [0, 1, 2]
+    torch.testing.assert_close(batch.features[0, :2], source[2].features.float())
+
+
+def test_prefetched_keeps_the_order_raises_the_producers_error_and_stops_early():
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+    assert list(prefetched(iter(range(5)), depth=0)) == list(range(5))
+    threads: list[str] = []
+
+    def items():
+        for i in range(100):
+            threads.append(threading.current_thread().name)
+            yield i
+
+    for i in prefetched(items(), depth=2):
+        if i == 3:
+            break
+    assert set(threads) == {"wsi-mil-prefetch"} and len(threads) <= 7  # built ahead, then stopped
+
+    def broken():
+        yield 1
+        raise RuntimeError("bad bag")
+
+    with pytest.raises(RuntimeError, match="bad bag"):
+        list(prefetched(broken(), depth=2))

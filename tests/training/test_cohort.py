@@ -166,3 +166,22 @@ def test_lazy_loading_uses_a_bounded_cache(write_cohort):
     assert [bag.slide_id for bag in bags] == ["slide_004", "slide_005"]
     with pytest.raises(CohortError, match="not in the cohort"):
         cohort.bags(["nope"])
+
+
+def test_stored_bags_keep_the_file_dtype_and_bypass_the_cache(tmp_path):
+    """CLAM-style float16 HDF5: `load` gives float32 (cached), `stored_bag` the file's float16, uncached."""
+    root = tmp_path / "fp16"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        with h5py.File(root / f"s{i}.h5", "w") as handle:
+            handle["features"] = rng.normal(size=(3 + i, 4)).astype(np.float16)
+            handle["coords"] = np.zeros((3 + i, 2), dtype=np.int64)
+    labels = _write_labels(tmp_path / "labels.csv", [{"slide_id": f"s{i}", "label": str(i % 2)} for i in range(4)])
+    cohort = load_cohort(root, labels)
+    bags = cohort.bags(["s1", "s2"])
+    stored = bags.stored_bag(1)
+    assert stored.features.dtype == torch.float16 and stored.slide_id == "s2" and stored.label == 0
+    assert bags[1].features.dtype == torch.float32
+    torch.testing.assert_close(bags[1].features, stored.features.float())
+    assert bags.stored_bag(1).features is not stored.features  # read again: the store keeps it, not the cohort

@@ -99,8 +99,18 @@ def test_adaptive_pack_length_doubles_for_long_slides():
     assert adaptive_pack_len(1000, main_fraction=0.5, ratio=1, pack_len=600) == 600
     assert adaptive_pack_len(1300, main_fraction=0.5, ratio=1, pack_len=600) == 1200
     assert adaptive_pack_len(1300, main_fraction=0.5, ratio=4, pack_len=600) == 600
-    method = PackMILMethod(main_fraction=0.5, pack_len=50, min_len=0)
-    assert method.step_pack_len([30, 102]) == 100 and method.step_pack_len([30, 101]) == 50
+    official = PackMILMethod(main_fraction=0.5, pack_len=50, min_len=0)  # divides by downsample_ratio 4
+    assert official.step_pack_len([30, 402]) == 50 and official.step_pack_len([30, 408]) == 100
+    applied = PackMILMethod(main_fraction=0.5, pack_len=50, min_len=0, adaptive_rule="applied_ratio")
+    assert applied.step_pack_len([30, 102]) == 100 and applied.step_pack_len([30, 101]) == 50
+    with_ads = PackMILMethod(main_fraction=0.5, pack_len=50, min_len=0, downsample="ads", adaptive_rule="applied_ratio")
+    assert with_ads.step_pack_len([408]) == official.step_pack_len([408]) == 100
+
+
+def test_default_pack_length_doubles_from_19208_instances_as_officially():
+    method = PackMILMethod()
+    assert method.step_pack_len([19_207]) == 2400 and method.step_pack_len([19_208]) == 4800
+    assert PackMILMethod(adaptive_rule="applied_ratio").step_pack_len([4_802]) == 4800
 
 
 def test_hyperslide_soft_labels_are_the_label_mixture():
@@ -216,6 +226,8 @@ def test_bad_options_name_the_setting():
         PackMILMethod(residual_loss="nll")  # type: ignore[arg-type]
     with pytest.raises(TrainingConfigError, match="min_len"):
         PackMILMethod(pack_len=10, min_len=20)
+    with pytest.raises(TrainingConfigError, match="adaptive_rule"):
+        PackMILMethod(adaptive_rule="doubled")  # type: ignore[arg-type]
     assert isinstance(create_method("packmil"), PackMILMethod)
 
 

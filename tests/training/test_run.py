@@ -198,18 +198,24 @@ def test_interrupted_run_resumes_to_the_same_metrics(write_cohort, tmp_path):
         train_cohort(config.model_copy(update={"epochs": 4}), tmp_path / "resumed")
 
 
+def spy_on_reads(monkeypatch: pytest.MonkeyPatch, reader: str) -> list[str]:
+    """The slide ids that `Cohort.<reader>` is called with from now on, in call order."""
+    calls: list[str] = []
+    original = getattr(Cohort, reader)
+
+    def spying(self, slide_id):
+        calls.append(slide_id)
+        return original(self, slide_id)
+
+    monkeypatch.setattr(Cohort, reader, spying)
+    return calls
+
+
 def test_the_test_split_is_never_read_while_training(write_cohort, tmp_path, monkeypatch):
-    """Spy on feature loading (cache off): during training only train/val slides of the fold load."""
+    """Spy on feature loading (caches off): during training only train/val slides of the fold load."""
     files = write_cohort(num_bags=20)
-    config = files.config(epochs=2, cache_bags=0, bootstrap_samples=0)
-    loaded: list[str] = []
-    original_load = Cohort.load
-
-    def spying_load(self, slide_id):
-        loaded.append(slide_id)
-        return original_load(self, slide_id)
-
-    monkeypatch.setattr(Cohort, "load", spying_load)
+    config = files.config(epochs=2, cache_bags=0, cache_features=False, bootstrap_samples=0)
+    loaded = spy_on_reads(monkeypatch, "load")
     run = tmp_path / "run"
     checked = []
 
@@ -224,6 +230,25 @@ def test_the_test_split_is_never_read_while_training(write_cohort, tmp_path, mon
     train_cohort(config, run, on_epoch_end=check)
     assert checked == [1, 2, 1, 2]
     assert loaded  # the test slides are read after training, for the test metrics
+
+
+def test_the_feature_cache_reads_each_training_and_validation_slide_once(write_cohort, tmp_path, monkeypatch):
+    """With `cache_features` each fold reads its train and val slides once, before its first epoch."""
+    files = write_cohort(num_bags=12)
+    config = files.config(epochs=3, folds=2, cache_bags=0, bootstrap_samples=0)
+    stored = spy_on_reads(monkeypatch, "load_stored")
+    run = tmp_path / "run"
+    reads: dict[tuple[int, int], list[str]] = {}
+
+    def record(report):
+        reads[(report.fold, report.epoch)] = stored.copy()
+        stored.clear()
+
+    train_cohort(config, run, on_epoch_end=record)
+    for fold in (0, 1):
+        split = load_split(run / "splits" / f"fold_{fold}.csv", fold=fold)
+        assert sorted(reads[(fold, 1)]) == sorted(split.train + split.val)
+        assert reads[(fold, 2)] == reads[(fold, 3)] == []
 
 
 def test_multiclass_with_a_split_column(write_cohort, tmp_path):

@@ -67,10 +67,12 @@ def test_same_seed_same_result_other_seed_other_result(data):
     assert other.history != first.history
 
 
-@pytest.mark.parametrize("method", ["plain", "aem"])
-def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, data, method):
+@pytest.mark.parametrize(
+    ("method", "batch_size"), [("plain", 1), ("aem", 1), ("plain", 4), ("packmil", 4)]
+)
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, data, method, batch_size):
     train, val, _ = data
-    config = _config(epochs=5, max_instances=10, warmup_epochs=1.0)
+    config = _config(epochs=5, max_instances=10, warmup_epochs=1.0, batch_size=batch_size)
     _, reference = _fit(config, train, val, method=method, dropout=0.25)
 
     def kill_after_epoch_2(report):
@@ -94,6 +96,34 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, data, meth
     _, again = _fit(config, train, val, method=method, dropout=0.25, checkpoint_path=checkpoint,
                     on_epoch_end=lambda r: epochs_seen.append(r.epoch))
     assert epochs_seen == [3, 4, 5] and again.history == reference.history
+
+
+def test_per_bag_and_padded_steps_train_the_same_model(data):
+    """Without dropout the two executions differ only by float rounding; per bag pads nothing.
+
+    The attention score's bias is left out: softmax ignores it, so its gradient is pure rounding
+    noise, which Adam scales up to full-size steps in both runs.
+    """
+    train, val, _ = data
+    config = _config(epochs=2, batch_size=5, max_instances=12)
+    _, per_bag = _fit(config.model_copy(update={"batch_execution": "per_bag"}), train, val)
+    _, padded = _fit(config.model_copy(update={"batch_execution": "padded"}), train, val)
+    for name, tensor in padded.best_state.items():
+        if name != "attention.score.bias":
+            torch.testing.assert_close(per_bag.best_state[name], tensor, atol=1e-5, rtol=1e-4)
+    assert per_bag.history[-1]["train_loss"] == pytest.approx(padded.history[-1]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["plain", "packmil"])
+def test_prefetching_and_the_cache_do_not_change_a_single_bit(data, method):
+    train, val, _ = data
+    config = _config(epochs=2, batch_size=4, max_instances=12)
+    _, reference = _fit(config, train, val, method=method, dropout=0.25)
+    _, plain = _fit(config.model_copy(update={"prefetch_batches": 0, "cache_features": False}), train, val,
+                    method=method, dropout=0.25)
+    assert plain.history == reference.history
+    for name, tensor in reference.best_state.items():
+        assert torch.equal(tensor, plain.best_state[name]), name
 
 
 def test_early_stopping_waits_for_patience_and_min_epochs(data):

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from wsi_mil.checks.generators import POISON_MEAN, POISON_STD
-from wsi_mil.checks.runner import forward_output, pad_bags, positive_score
+from wsi_mil.checks.runner import forward_output, positive_score
 from wsi_mil.errors import MilCheckError
+from wsi_mil.models.layers import pad_sequences
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -56,7 +57,7 @@ class PropertyResult:
 def _logits(model: nn.Module, bags: Sequence[torch.Tensor]) -> torch.Tensor:
     """Bag logits `[B, C]` of a padded batch (eval mode, float32 on the CPU)."""
     device = next(model.parameters(), torch.empty(0)).device
-    x, mask = pad_bags(bags)
+    x, mask = pad_sequences(bags)
     return forward_output(model, x.to(device), mask.to(device)).logits.float().cpu()
 
 

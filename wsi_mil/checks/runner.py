@@ -50,7 +50,9 @@ from wsi_mil.checks.generators import (
 )
 from wsi_mil.errors import MilCheckError
 from wsi_mil.models.base import MILOutput
+from wsi_mil.models.layers import pad_sequences
 from wsi_mil.models.registry import create_model, model_entry
+from wsi_mil.training.methods.base import Batch, TrainingMethod
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -292,17 +294,6 @@ def judge(test: str, runs: Sequence[SeedRun]) -> tuple[Verdict, str]:
     return Verdict.PASS, f"mean test AUC {mean_test:.3f} ≥ {PASS_MEAN_AUC}"
 
 
-def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack bags `[N_i, D]` into a zero-padded batch `[B, N_max, D]` and its mask `[B, N_max]`."""
-    longest = max(b.shape[0] for b in bags)
-    x = bags[0].new_zeros(len(bags), longest, bags[0].shape[1])
-    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
-    for i, bag in enumerate(bags):
-        x[i, : bag.shape[0]] = bag
-        mask[i, : bag.shape[0]] = True
-    return x, mask
-
-
 def positive_score(logits: torch.Tensor) -> torch.Tensor:
     """Positive-class score of binary logits: `[B, 2]` -> `logits[:, 1] - logits[:, 0]`, `[B, 1]` -> itself."""
     if logits.dim() != 2 or logits.shape[1] not in (1, 2):
@@ -333,7 +324,7 @@ def score_bags(
     model.eval()
     scores = []
     for start in range(0, len(bags), EVAL_BATCH_SIZE):
-        x, mask = pad_bags(bags[start : start + EVAL_BATCH_SIZE])
+        x, mask = pad_sequences(bags[start : start + EVAL_BATCH_SIZE])
         output = forward_output(model, x.to(device), mask.to(device))
         scores.append(positive_score(output.logits).float().cpu())
     model.train(was_training)
@@ -348,22 +339,6 @@ def bag_auc(model: nn.Module, data: MILBags, *, device: torch.device | str = "cp
     return float(roc_auc_score(data.labels.numpy(), scores))
 
 
-def _total_loss(model: nn.Module, output: MILOutput, target: torch.Tensor) -> torch.Tensor:
-    """Bag cross-entropy plus every auxiliary loss the model reports."""
-    logits = output.logits
-    if logits.shape[1] == 1:
-        loss = nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target.float())
-    else:
-        loss = nn.functional.cross_entropy(logits, target)
-    extra = dict(output.aux_losses)
-    label_losses = getattr(model, "aux_losses", None)
-    if callable(label_losses):
-        extra.update(label_losses(output, target))
-    for value in extra.values():
-        loss = loss + value
-    return loss
-
-
 def train_model(
     model: nn.Module,
     data: MILBags,
@@ -372,18 +347,25 @@ def train_model(
     seed: int,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Train with Adam on shuffled padded mini-batches of bags (in place); returns the model."""
+    """Train with Adam on shuffled padded mini-batches of bags (in place) with the trainer's loss
+    (bag cross-entropy plus the model's auxiliary losses); returns the model."""
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loss_of = TrainingMethod()
     order_generator = torch.Generator().manual_seed(seed)
     for _ in range(settings.epochs):
         order = torch.randperm(len(data), generator=order_generator).tolist()
         for start in range(0, len(order), settings.batch_size):
             index = order[start : start + settings.batch_size]
-            x, mask = pad_bags([data.bags[i] for i in index])
-            target = data.labels[index].to(device)
-            output = forward_output(model, x.to(device), mask.to(device))
-            loss = _total_loss(model, output, target)
+            x, mask = pad_sequences([data.bags[i] for i in index], device=device)
+            batch = Batch(x, mask, data.labels[index].to(device))
+            output = forward_output(model, batch.features, batch.mask)
+            if output.logits.shape[-1] != 2:
+                raise MilCheckError(
+                    f"MIL checks train with cross-entropy over two classes, got logits {tuple(output.logits.shape)}; "
+                    "build the model with num_classes=2"
+                )
+            loss = loss_of.supervised_loss(model, output, batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

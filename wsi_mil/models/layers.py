@@ -1,9 +1,34 @@
-"""Shared MIL building blocks: masked softmax, masked pooling, masked entropy, attention pooling."""
+"""Shared MIL building blocks: padding with masks, masked softmax, masked pooling, masked entropy,
+attention pooling."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+def pad_sequences(
+    rows: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack bags `[n_i, D]` into zero-padded `features [R, max n_i, D]` and `mask [R, max n_i]`.
+
+    The batch is built where `device` says (default: the first row's device) at `dtype` (default:
+    the first row's dtype), so host rows can be copied once and padded on the GPU. Empty rows are
+    allowed (all-False mask); the length is at least 1.
+    """
+    if not rows:
+        raise ValueError("cannot pad zero rows")
+    first = rows[0]
+    device = first.device if device is None else torch.device(device)
+    length = max(1, max(len(row) for row in rows))
+    features = torch.zeros((len(rows), length, first.shape[-1]), dtype=dtype or first.dtype, device=device)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        features[i, : len(row)].copy_(row, non_blocking=True)
+        mask[i, : len(row)] = True
+    return features, mask
 
 
 def _fill_value(dtype: torch.dtype) -> float:

@@ -1,39 +1,217 @@
-"""Batching of bags: one bag per step (the official setting) or padded batches with masks, a
-per-bag random cap on instances for training, class weights and a class-balanced sampler.
+"""The trainer's input pipeline: the bags of a run read once into memory (`BagStore`), each epoch's
+order (shuffled or class-balanced, optionally grouped by bag size), a per-bag random cap on
+instances, the steps built on the training device (padded batches with masks, or the bags of a
+step one by one), a background thread that builds the next steps while the model trains, and
+class weights.
+
+Two ways to run a step of several bags: *padded* (one `[B, N_max, D]` tensor, one forward; what a
+GPU wants) or *per bag* (each bag through the model on its own, the losses combined as the padded
+batch's mean; no padded position is ever computed, and on a CPU, where the step is compute-bound,
+that is what makes a batch of bags as cheap as its bags).
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from collections.abc import Iterator, Sequence
-from typing import overload
+from typing import TypeVar, overload
 
 import torch
 
+from wsi_mil.models.layers import pad_sequences
 from wsi_mil.training.bag import Bag
-from wsi_mil.training.methods.base import Batch
+from wsi_mil.training.methods.base import Batch, StepResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: bags sorted together by size when batches are grouped by size: this many batches' worth
+GROUP_BATCHES = 64
 
 
-def pad_bags(bags: Sequence[Bag]) -> Batch:
-    """Stack bags into `features [B, N_max, D]` zero-padded, `mask [B, N_max]`, `labels [B]`."""
+def pad_bags(
+    bags: Sequence[Bag], *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Batch:
+    """Stack bags into `features [B, N_max, D]` zero-padded, `mask [B, N_max]`, `labels [B]`.
+
+    Built on `device` at `dtype` (default: where and as the bags are), so each bag is copied once
+    and padded there.
+    """
     if not bags:
         raise ValueError("cannot batch zero bags")
-    sizes = [bag.features.shape[0] for bag in bags]
-    if min(sizes) < 1:
+    if min(bag.features.shape[0] for bag in bags) < 1:
         raise ValueError("every bag needs at least one instance")
-    dim = bags[0].features.shape[1]
-    features = bags[0].features.new_zeros((len(bags), max(sizes), dim))
-    mask = torch.zeros((len(bags), max(sizes)), dtype=torch.bool)
-    for i, bag in enumerate(bags):
-        features[i, : sizes[i]] = bag.features
-        mask[i, : sizes[i]] = True
-    labels = torch.tensor([bag.label for bag in bags], dtype=torch.long)
+    features, mask = pad_sequences([bag.features for bag in bags], dtype=dtype, device=device)
+    labels = torch.tensor([bag.label for bag in bags], dtype=torch.long, device=features.device)
     return Batch(features, mask, labels, [bag.slide_id for bag in bags])
 
 
-def padded_batches(bags: Sequence[Bag], *, batch_size: int) -> Iterator[Batch]:
+def padded_batches(
+    bags: Sequence[Bag], *, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Iterator[Batch]:
     """Consecutive groups of `batch_size` bags (the last may be smaller), padded with masks."""
     for start in range(0, len(bags), batch_size):
-        yield pad_bags([bags[i] for i in range(start, min(start + batch_size, len(bags)))])
+        yield pad_bags([bags[i] for i in range(start, min(start + batch_size, len(bags)))], device=device, dtype=dtype)
+
+
+def single_bag_batch(bag: Bag, *, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Batch:
+    """One bag as a `[1, N, D]` batch without padding or mask (a view when it is already there)."""
+    features = bag.features.to(device, dtype, non_blocking=True).unsqueeze(0)
+    labels = torch.tensor([bag.label], dtype=torch.long, device=features.device)
+    return Batch(features, torch.ones(features.shape[:2], dtype=torch.bool, device=features.device), labels, [bag.slide_id])
+
+
+def bagwise_steps(
+    bags: Sequence[Bag], *, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> Iterator[list[Batch]]:
+    """Consecutive groups of `batch_size` bags, each bag its own unpadded one-bag batch."""
+    for start in range(0, len(bags), batch_size):
+        yield [single_bag_batch(bags[i], device=device, dtype=dtype) for i in range(start, min(start + batch_size, len(bags)))]
+
+
+def unpadded_rows(batch: Batch) -> list[Batch]:
+    """The rows of a padded batch as one-bag batches, cut to their valid length (views, no copy).
+
+    Valid positions must come first in each row, as `pad_sequences` lays them out.
+    """
+    sizes = batch.mask.sum(dim=1).tolist()
+    return [
+        Batch(batch.features[b : b + 1, :n], batch.mask[b : b + 1, :n], batch.labels[b : b + 1],
+              batch.slide_ids[b : b + 1], None if batch.soft_labels is None else batch.soft_labels[b : b + 1])
+        for b, n in enumerate(sizes)
+    ]
+
+
+def bag_shares(labels: torch.Tensor, class_weights: torch.Tensor | None) -> list[float]:
+    """Each bag's share of a batch's mean loss: 1/B, or its class weight over the batch's sum of
+    class weights (what `cross_entropy(weight=...)` gives the padded batch)."""
+    if class_weights is None:
+        return [1.0 / len(labels)] * len(labels)
+    weights = class_weights.to(labels.device)[labels].double()
+    return (weights / weights.sum()).tolist()
+
+
+def combine_results(results: Sequence[StepResult], shares: Sequence[float]) -> StepResult:
+    """The per-bag results of one step as one: loss and every term weighted by the bag's share.
+
+    The `output` is the first bag's (the trainer uses only the loss and the terms).
+    """
+    loss = torch.stack([share * result.loss.float() for result, share in zip(results, shares, strict=True)]).sum()
+    names = dict.fromkeys(name for result in results for name in result.terms)
+    terms = {
+        name: sum(share * result.terms.get(name, 0.0) for result, share in zip(results, shares, strict=True))
+        for name in names
+    }
+    return StepResult(loss, results[0].output, terms)
+
+
+def size_grouped_order(
+    order: Sequence[int], sizes: Sequence[int], *, batch_size: int, generator: torch.Generator,
+    group_batches: int = GROUP_BATCHES,
+) -> list[int]:
+    """Reorder an epoch so that each batch holds bags of similar size, with little padding.
+
+    The order is cut into groups of `group_batches · batch_size` bags; each group is sorted by
+    bag size (ties keep their random order) and cut into batches; the full batches are shuffled
+    and the one smaller batch, if any, stays last, so consecutive `batch_size` chunks are the batches.
+    """
+    batches: list[list[int]] = []
+    span = batch_size * group_batches
+    for start in range(0, len(order), span):
+        group = sorted(order[start : start + span], key=lambda index: sizes[index])
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    last = [batches.pop()] if len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [index for batch in shuffled + last for index in batch]
+
+
+class BagStore(Sequence[Bag]):
+    """The bags of a run, each read once and kept in memory at its stored dtype (e.g. float16).
+
+    Bags are read through `bags.stored_bag(i)` when the sequence has it (a cohort reads the file
+    without converting it to float32), else `bags[i]`. On CUDA the features sit in pinned memory,
+    so the copy of a step's bags to the GPU is asynchronous. `sizes` and `labels` are known
+    without touching the features.
+    """
+
+    def __init__(self, bags: Sequence[Bag], *, pin_memory: bool = False) -> None:
+        read = getattr(bags, "stored_bag", None) or bags.__getitem__
+        self.bags: list[Bag] = []
+        for index in range(len(bags)):
+            bag = read(index)
+            features = bag.features.contiguous()
+            self.bags.append(Bag(features.pin_memory() if pin_memory else features, bag.label, bag.slide_id))
+        self.sizes = [bag.features.shape[0] for bag in self.bags]
+        self.labels = [bag.label for bag in self.bags]
+        self.nbytes = sum(bag.features.nbytes for bag in self.bags)
+        log.info("feature cache: %d bags, %.2f GB%s", len(self.bags), self.nbytes / 1e9, " (pinned)" if pin_memory else "")
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    @overload
+    def __getitem__(self, index: int) -> Bag: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Bag]: ...
+    def __getitem__(self, index: int | slice) -> Bag | Sequence[Bag]:
+        return self.bags[index]
+
+
+class _Done:
+    """End of a prefetched iterator (or the exception that ended it)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def prefetched(items: Iterator[T], *, depth: int) -> Iterator[T]:
+    """Yield `items` while a background thread produces up to `depth` of them ahead.
+
+    The items come in their order; an exception in the producer is raised here; leaving the loop
+    early stops the producer. `depth` 0 yields `items` as they are, in this thread.
+    """
+    if depth < 1:
+        yield from items
+        return
+    ready: queue.Queue[T | _Done] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        end = _Done()
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            end = _Done(err)
+        ready.put(end)
+
+    worker = threading.Thread(target=produce, name="wsi-mil-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, _Done):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
 
 
 def random_instance_subset(num_instances: int, max_instances: int, generator: torch.Generator) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
+import h5py
 import numpy as np
 import torch
 
@@ -102,6 +103,15 @@ def index_feature_files(features_dir: Path) -> dict[str, Path]:
             f"{'/'.join(CLAM_SUBFOLDERS)} subfolders (--features)"
         )
     return found
+
+
+def stored_float_dtype(path: Path) -> torch.dtype:
+    """torch.float16 when an HDF5 feature file stores its features as float16, else torch.float32."""
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        return torch.float32
+    with h5py.File(path, "r", locking=False) as handle:
+        key = next((k for k in ("features", "feats") if k in handle), None)
+        return torch.float16 if key is not None and handle[key].dtype == np.float16 else torch.float32
 
 
 def feature_file_meta(path: Path) -> dict[str, Any]:
@@ -243,19 +253,30 @@ class Cohort:
         if cached is not None:
             self._cache.move_to_end(slide_id)
             return cached
-        path = self.slide(slide_id).feature_path
-        try:
-            bag = read_feature_file(path)
-        except FeatureFileError as err:
-            raise CohortError(f"cannot read features of slide {slide_id!r} from {path}: {err}") from err
-        loaded = SlideFeatures(torch.as_tensor(np.asarray(bag.features, dtype=np.float32)), bag.coords)
-        if loaded.features.shape[0] == 0:
-            raise CohortError(f"feature file {path} of slide {slide_id!r} holds no tiles; drop it from --labels")
+        features, coords = self._read(slide_id)
+        loaded = SlideFeatures(features, coords)
         if self.cache_size > 0:
             self._cache[slide_id] = loaded
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return loaded
+
+    def load_stored(self, slide_id: str) -> torch.Tensor:
+        """A slide's features at the dtype its HDF5 file stores them in (float16 halves the memory;
+        the round trip through float32 is exact), bypassing the cache: for the trainer's `BagStore`,
+        which keeps every bag once."""
+        features = self._read(slide_id)[0]
+        return features.to(stored_float_dtype(self.slide(slide_id).feature_path))
+
+    def _read(self, slide_id: str) -> tuple[torch.Tensor, np.ndarray | None]:
+        path = self.slide(slide_id).feature_path
+        try:
+            bag = read_feature_file(path)
+        except FeatureFileError as err:
+            raise CohortError(f"cannot read features of slide {slide_id!r} from {path}: {err}") from err
+        if bag.features.shape[0] == 0:
+            raise CohortError(f"feature file {path} of slide {slide_id!r} holds no tiles; drop it from --labels")
+        return torch.as_tensor(np.asarray(bag.features, dtype=np.float32)), bag.coords
 
     def bags(self, slide_ids: Sequence[str]) -> CohortBags:
         """A lazy `Sequence[Bag]` over the given slides (features load on access)."""
@@ -287,6 +308,11 @@ class CohortBags(Sequence[Bag]):
             return CohortBags(self.cohort, self.slide_ids[index])
         slide_id = self.slide_ids[index]
         return Bag(self.cohort.load(slide_id).features, self.cohort.slide(slide_id).label, slide_id)
+
+    def stored_bag(self, index: int) -> Bag:
+        """`self[index]` at the dtype of its feature file, read past the cache (see `BagStore`)."""
+        slide_id = self.slide_ids[index]
+        return Bag(self.cohort.load_stored(slide_id), self.cohort.slide(slide_id).label, slide_id)
 
 
 def load_cohort(

@@ -50,6 +50,19 @@ class TrainConfig(BaseModel):
     max_instances: int | None = Field(
         default=None, ge=1, description="random subset cap on instances per training bag (--max-instances)"
     )
+    group_by_size: bool = Field(
+        default=True,
+        description="batch_size > 1: batches of bags of similar size (shuffled), so little is padded",
+    )
+    batch_execution: Literal["auto", "padded", "per_bag"] = Field(
+        default="auto",
+        description="a step of several bags: one padded tensor, or each bag through the model on its own; "
+        "auto = per_bag on CPU (compute-bound: padding costs its full price), padded on CUDA",
+    )
+    cache_features: bool = Field(
+        default=True, description="read the training and validation bags once, keep them in memory at their stored dtype"
+    )
+    prefetch_batches: int = Field(default=2, ge=0, description="steps built ahead by a background thread; 0 = off")
     optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = Field(default=1e-4, gt=0.0, description="peak learning rate (--lr)")
     weight_decay: float = Field(default=1e-5, ge=0.0)

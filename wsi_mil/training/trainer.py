@@ -29,14 +29,20 @@ from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
 from wsi_mil.training.bag import Bag
 from wsi_mil.training.batching import (
+    BagStore,
     EpochBags,
+    bag_shares,
+    bagwise_steps,
     balanced_sample_weights,
+    combine_results,
     epoch_order,
     inverse_frequency_class_weights,
     padded_batches,
+    prefetched,
+    size_grouped_order,
 )
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods.base import TrainingMethod
+from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod
 from wsi_mil.training.metrics import classification_metrics, is_improvement, selection_key
 
 log = logging.getLogger(__name__)
@@ -167,7 +173,7 @@ def predict_bags(
     try:
         for bag in bags:
             with _autocast(device, amp):
-                output = model(bag.features.unsqueeze(0).to(device), None)
+                output = model(bag.features.unsqueeze(0).to(device, torch.float32), None)
             probs.append(torch.softmax(output.logits.float(), dim=-1)[0].cpu().numpy())
             attention.append(output.attention[0].float().cpu().numpy())
             labels.append(bag.label)
@@ -200,7 +206,11 @@ class _Trainer:
         self.amp = config.amp and self.device.type == "cuda"
         self.model = model.to(self.device)
         self.method = method
-        self.train_bags = train_bags
+        self.train_bags = cached_bags(train_bags, config=config, device=self.device)
+        self.per_bag = config.batch_execution == "per_bag" or (
+            config.batch_execution == "auto" and self.device.type == "cpu"
+        )
+        method.device, method.per_bag = self.device, self.per_bag
         self.steps_per_epoch = math.ceil(len(train_bags) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         train_labels = [bag_label(train_bags, i) for i in range(len(train_bags))]
@@ -272,22 +282,40 @@ class _Trainer:
                     "stale_epochs", "stopped_early", "history"):
             setattr(self, key, state[key])
 
-    def batches(self) -> Iterator[Any]:
-        order = epoch_order(len(self.train_bags), generator=self.generator, sample_weights=self.sample_weights)
-        epoch_bags = EpochBags(
-            self.train_bags, order, max_instances=self.config.max_instances, generator=self.generator
-        )
-        custom = self.method.make_batches(epoch_bags, batch_size=self.config.batch_size, generator=self.generator)
-        return custom if custom is not None else padded_batches(epoch_bags, batch_size=self.config.batch_size)
+    def batches(self) -> Iterator[Batch | list[Batch]]:
+        """This epoch's steps, built on the device by a background thread a few steps ahead: padded
+        batches, the bags of each step one by one (`per_bag`), or the method's own batches.
 
-    def train_epoch(self) -> tuple[float, dict[str, float]]:
-        """One pass over the training bags; returns the mean loss and mean loss terms."""
-        self.model.train()
-        losses: list[float] = []
-        terms: dict[str, list[float]] = {}
-        for batch in self.batches():
-            batch = batch.to(self.device)
-            progress = min(1.0, self.step / self.total_steps)
+        All randomness comes from `self.generator`, drawn in a fixed order (the producer thread is
+        its only user during the epoch), so steps are the same with or without prefetching.
+        """
+        config = self.config
+        order = epoch_order(len(self.train_bags), generator=self.generator, sample_weights=self.sample_weights)
+        if config.group_by_size and config.batch_size > 1:
+            cap = config.max_instances or math.inf
+            sizes = [min(bag_size(self.train_bags, i), cap) for i in range(len(self.train_bags))]
+            order = size_grouped_order(order, sizes, batch_size=config.batch_size, generator=self.generator)
+        epoch_bags = EpochBags(self.train_bags, order, max_instances=config.max_instances, generator=self.generator)
+        steps = self.method.make_batches(epoch_bags, batch_size=config.batch_size, generator=self.generator)
+        if steps is None and self.per_bag:
+            steps = bagwise_steps(epoch_bags, batch_size=config.batch_size, device=self.device)
+        elif steps is None:
+            steps = padded_batches(epoch_bags, batch_size=config.batch_size, device=self.device, dtype=torch.float32)
+        return prefetched(steps, depth=config.prefetch_batches)
+
+    def forward_backward(self, step: Batch | list[Batch], progress: float) -> StepResult:
+        """Forward and backward of one step (gradients accumulate; the caller zeroes them first).
+
+        The bags of a `per_bag` step go one at a time, each loss weighted by the bag's share of the
+        padded batch's (class-weighted) mean, so only one bag's activations are alive at once.
+        Returns the step's (detached) loss and terms.
+        """
+        batches = [step.to(self.device)] if isinstance(step, Batch) else step
+        shares = [1.0] if isinstance(step, Batch) else bag_shares(
+            torch.cat([batch.labels for batch in step]), self.method.class_weights
+        )
+        results = []
+        for batch, share in zip(batches, shares, strict=True):
             with _autocast(self.device, self.amp):
                 result = self.method.compute_loss(self.model, batch, progress=progress)
             if not torch.isfinite(result.loss):
@@ -295,15 +323,25 @@ class _Trainer:
                     f"non-finite training loss in fold {self.fold}, epoch {self.epoch + 1} "
                     f"(terms {result.terms}); lower --lr or set grad_clip_norm"
                 )
+            (share * result.loss).backward()
+            results.append(StepResult(result.loss.detach(), result.output, result.terms))
+        return combine_results(results, shares)
+
+    def train_epoch(self) -> tuple[float, dict[str, float]]:
+        """One pass over the training bags; returns the mean loss and mean loss terms."""
+        self.model.train()
+        losses: list[float] = []
+        terms: dict[str, list[float]] = {}
+        for step in self.batches():
             self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
+            result = self.forward_backward(step, min(1.0, self.step / self.total_steps))
             if self.config.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(list(self.parameters()), self.config.grad_clip_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             self.method.after_optimizer_step(self.model, progress=min(1.0, self.step / self.total_steps))
-            losses.append(float(result.loss.detach()))
+            losses.append(float(result.loss))
             for name, value in result.terms.items():
                 terms.setdefault(name, []).append(value)
         return float(np.mean(losses)), {k: float(np.mean(v)) for k, v in terms.items()}
@@ -323,6 +361,19 @@ def bag_label(bags: Sequence[Bag], index: int) -> int:
     """The label of `bags[index]`, without loading features when the sequence knows its labels."""
     labels = getattr(bags, "labels", None)
     return int(labels[index]) if labels is not None else int(bags[index].label)
+
+
+def bag_size(bags: Sequence[Bag], index: int) -> int:
+    """The instance count of `bags[index]`, without loading features when the sequence knows its sizes."""
+    sizes = getattr(bags, "sizes", None)
+    return int(sizes[index]) if sizes is not None else int(bags[index].features.shape[0])
+
+
+def cached_bags(bags: Sequence[Bag], *, config: TrainConfig, device: torch.device) -> Sequence[Bag]:
+    """`bags` read once into a `BagStore` (pinned for CUDA) when `config.cache_features`, else as given."""
+    if not config.cache_features or isinstance(bags, BagStore):
+        return bags
+    return BagStore(bags, pin_memory=device.type == "cuda")
 
 
 def fit(
@@ -350,6 +401,7 @@ def fit(
         raise TrainingConfigError(f"fold {fold} needs training and validation bags; check the splits")
     with deterministic_mode(config.deterministic):
         trainer = _Trainer(model, method, train_bags, config=config, num_classes=num_classes, fold=fold)
+        val_bags = cached_bags(val_bags, config=config, device=trainer.device)
         if checkpoint_path is not None and checkpoint_path.exists():
             trainer.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
             log.info("fold %d: resumed from %s after epoch %d", fold, checkpoint_path, trainer.epoch)

@@ -54,6 +54,11 @@ class TrainingMethod:
     name = "plain"
     #: per-class loss weights `[C]` the trainer sets for `balance: class_weights`; None = unweighted
     class_weights: torch.Tensor | None = None
+    #: where the trainer runs the model: custom batches (`make_batches`) are built there
+    device: torch.device = torch.device("cpu")
+    #: the trainer's `batch_execution`: True = run the bags of a step through the model one by one
+    #: (no padding) and combine their losses; custom batches honour it in `compute_loss`
+    per_bag: bool = False
 
     def __init__(self, *, aux_weights: dict[str, float] | None = None) -> None:
         self.aux_weights = dict(aux_weights or {})
@@ -99,7 +104,9 @@ class TrainingMethod:
         bag_loss = model.bag_loss(output, target, class_weights=weight)
         terms: dict[str, torch.Tensor] = {"bag": bag_loss}
         terms.update(output.aux_losses)
-        terms.update(model.aux_losses(output, batch.labels))
+        label_losses = getattr(model, "aux_losses", None)  # a plain nn.Module following the contract has none
+        if label_losses is not None:
+            terms.update(label_losses(output, batch.labels))
         terms.update(extra or {})
         loss = sum((self.aux_weights.get(k, 1.0) * v.float() for k, v in terms.items()), torch.zeros((), device=bag_loss.device))
         return StepResult(loss, output, {k: float(v.detach()) for k, v in terms.items()})

@@ -5,7 +5,9 @@ Per training step (one mini-batch of `batch_size` slides), every slide is split 
 kept part (`main_fraction` of its instances) and a discarded part (the rest); each part is capped
 at `pack_len · r` random instances (r = `downsample_ratio` with the downsampler on, else 1), and
 slides with fewer than `min_len · r` instances go whole into both parts. The kept parts are
-packed greedily in batch order into packs of at most `pack_len` tokens; the discarded parts are
+packed greedily in batch order into packs of at most `pack_len` tokens (doubled for a mini-batch
+whose longest slide has more than `pack_len · downsample_ratio` instances in a part: the official
+rule, which divides by the ratio even without a downsampler); the discarded parts are
 packed the same way, and each of those packs is one hyperslide supervised by the mixture of its
 slides' labels. Loss: `L_main + residual_weight · L_residual`.
 
@@ -20,7 +22,9 @@ hold at most `pack_len` tokens in total, so the token budget of a step is the of
 result for any mask-respecting model. The discarded parts travel per slide (`residual`, rows in
 batch order, `hyperslide_index [B]`) and are concatenated into hyperslides (`[H, L, D]`, one bag
 per hyperslide, soft labels in `Batch.soft_labels`) inside `compute_loss`, after the optional
-downsampler.
+downsampler. The parts are cut on the trainer's device; with `per_bag` (the trainer's CPU default)
+each kept part and each hyperslide runs through the model on its own, unpadded, with the same
+loss means.
 
 Deviations from the official code (FangHeng/PackMIL):
 - two downsamplers: `downsample="ads"` is the official learned ADS (`wsi_mil.models.packmil_ads`:
@@ -34,6 +38,8 @@ Deviations from the official code (FangHeng/PackMIL):
   order matters only for order-aware backbones;
 - every slide keeps at least one instance; the last, smaller mini-batch of an epoch is used
   (the official loader drops it) so the trainer's step count and schedules stay exact;
+- the trainer's `group_by_size` (default) gives mini-batches of slides of similar size (the
+  official loader draws them at random), so fewer mini-batches double their pack length;
 - residual targets for grading (ISUP) and survival are not implemented; `bce`/`focal` use the
   max-normalised multi-hot mixture, `ce`/`asl_single` the sum-normalised one.
 """
@@ -51,12 +57,15 @@ from torch import nn
 
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel
+from wsi_mil.models.layers import pad_sequences
 from wsi_mil.models.packmil_ads import AttentionDownsampler, PackMILDownsampled
 from wsi_mil.training.bag import Bag
+from wsi_mil.training.batching import bag_shares, combine_results, unpadded_rows
 from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod
 from wsi_mil.training.methods.registry import register_method
 
 Downsample = Literal["none", "attention", "ads"]
+AdaptiveRule = Literal["official", "applied_ratio"]
 ResidualLoss = Literal["ce", "bce", "focal", "asl_single"]
 
 
@@ -144,20 +153,10 @@ def greedy_packs(lengths: Sequence[int], *, pack_len: int, min_len: int) -> list
     return indices
 
 
-def _pad_rows(rows: Sequence[torch.Tensor], dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack `[n_i, D]` rows into zero-padded `features [R, max n_i, D]` and `mask [R, max n_i]`."""
-    length = max(1, max(len(r) for r in rows))
-    features = like.new_zeros((len(rows), length, dim))
-    mask = torch.zeros((len(rows), length), dtype=torch.bool, device=like.device)
-    for i, row in enumerate(rows):
-        features[i, : len(row)] = row
-        mask[i, : len(row)] = True
-    return features, mask
-
-
-def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: int) -> Batch:
+def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: int, per_bag: bool = False) -> Batch:
     """The attention-driven downsampler: per row, keep the `downsampled_length` instances with the
-    highest attention of `model` (one no-grad, eval-mode forward), in their original order."""
+    highest attention of `model` (one no-grad, eval-mode forward, or one per row with `per_bag`),
+    in their original order."""
     sizes = parts.mask.sum(dim=1)
     targets = [downsampled_length(int(n), ratio=ratio, min_len=min_len) for n in sizes]
     if targets == sizes.tolist():
@@ -168,12 +167,16 @@ def keep_top_attention(model: MILModel, parts: Batch, *, ratio: int, min_len: in
     model.eval()
     try:
         with torch.no_grad():
-            attention = model(parts.features, probe_mask).attention.float()  # [B, N]
+            if per_bag:
+                rows = unpadded_rows(Batch(parts.features, probe_mask, parts.labels, parts.slide_ids))
+                attention = pad_sequences([model(row.features, None).attention[0].float().unsqueeze(-1) for row in rows])[0][..., 0]
+            else:
+                attention = model(parts.features, probe_mask).attention.float()  # [B, N]
     finally:
         model.train(was_training)
     ranked = attention.masked_fill(~parts.mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
     rows = [parts.features[b, ranked[b, :t].sort().values] for b, t in enumerate(targets)]
-    features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+    features, mask = pad_sequences(rows)
     return Batch(features, mask, parts.labels, parts.slide_ids)
 
 
@@ -211,7 +214,7 @@ def pack_hyperslides(
         rows.append(torch.cat(tokens))
         targets.append(hyperslide_targets(parts.labels[members], weights, num_classes=num_classes, normalize=normalize))
         names.append("+".join(parts.slide_ids[i] for i in members) if parts.slide_ids else str(group))
-    features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+    features, mask = pad_sequences(rows)
     soft = torch.stack(targets)
     return Batch(features, mask, soft.argmax(dim=1), names, soft)
 
@@ -252,6 +255,7 @@ class PackMILMethod(TrainingMethod):
         pack_len: int = 2400,
         min_len: int = 128,
         adaptive_pack_len: bool = True,
+        adaptive_rule: AdaptiveRule = "official",
         downsample: Downsample = "none",
         downsample_ratio: int = 4,
         residual: bool = True,
@@ -271,6 +275,10 @@ class PackMILMethod(TrainingMethod):
             raise TrainingConfigError(
                 f"PackMIL downsample must be 'none', 'attention' or 'ads', got {downsample!r} (method_kwargs.downsample)"
             )
+        if adaptive_rule not in ("official", "applied_ratio"):
+            raise TrainingConfigError(
+                f"PackMIL adaptive_rule must be 'official' or 'applied_ratio', got {adaptive_rule!r} (method_kwargs.adaptive_rule)"
+            )
         if downsample_ratio < 1:
             raise TrainingConfigError(f"PackMIL downsample_ratio must be ≥ 1, got {downsample_ratio} (method_kwargs.downsample_ratio)")
         if residual_loss not in ("ce", "bce", "focal", "asl_single"):
@@ -283,6 +291,8 @@ class PackMILMethod(TrainingMethod):
         self.pack_len = pack_len
         self.min_len = min_len
         self.adaptive_pack_len = adaptive_pack_len
+        self.adaptive_rule = adaptive_rule
+        self.downsample_ratio = downsample_ratio
         self.downsample = downsample
         self.ratio = downsample_ratio if downsample != "none" else 1
         self.downsampler: AttentionDownsampler | None = None
@@ -292,10 +302,17 @@ class PackMILMethod(TrainingMethod):
         self.token_weighted_labels = token_weighted_labels
 
     def step_pack_len(self, sizes: Sequence[int]) -> int:
-        """The pack length of a mini-batch with these slide sizes (doubled for long slides when adaptive)."""
+        """The pack length of a mini-batch with these slide sizes (doubled for long slides when adaptive).
+
+        `adaptive_rule: official` divides the longest part by `downsample_ratio` whether or not a
+        downsampler runs (the official `residual_downsample_r`, default 4), so without one the length
+        doubles from 19,208 instances at the defaults; `applied_ratio` divides by the ratio applied
+        (1 without a downsampler: doubling from 4,802).
+        """
         if not self.adaptive_pack_len:
             return self.pack_len
-        return adaptive_pack_len(max(sizes), main_fraction=self.main_fraction, ratio=self.ratio, pack_len=self.pack_len)
+        ratio = self.downsample_ratio if self.adaptive_rule == "official" else self.ratio
+        return adaptive_pack_len(max(sizes), main_fraction=self.main_fraction, ratio=ratio, pack_len=self.pack_len)
 
     def pack(self, bags: Sequence[Bag], *, generator: torch.Generator) -> PackedBatch:
         """Split, sample and pack one mini-batch of bags into a `PackedBatch`."""
@@ -309,12 +326,12 @@ class PackMILMethod(TrainingMethod):
                 bag.features.shape[0], main_fraction=self.main_fraction, min_len=self.min_len,
                 ratio=self.ratio, pack_len=pack_len, generator=generator,
             )
-            kept_rows.append(bag.features[kept])
-            discarded_rows.append(bag.features[discarded])
-        dim = bags[0].features.shape[1]
-        labels = torch.tensor([bag.label for bag in bags], dtype=torch.long)
+            features = bag.features.to(self.device, non_blocking=True)  # once per bag; the parts are cut on the device
+            kept_rows.append(features[kept.to(self.device)])
+            discarded_rows.append(features[discarded.to(self.device)])
+        labels = torch.tensor([bag.label for bag in bags], dtype=torch.long, device=self.device)
         slide_ids = [bag.slide_id for bag in bags]
-        features, mask = _pad_rows(kept_rows, dim, bags[0].features)
+        features, mask = pad_sequences(kept_rows, dtype=torch.float32)
 
         def packing(rows: list[torch.Tensor]) -> torch.Tensor:
             lengths = [downsampled_length(len(r), ratio=self.ratio, min_len=self.min_len) for r in rows]
@@ -322,7 +339,7 @@ class PackMILMethod(TrainingMethod):
 
         residual_parts, hyperslides = None, None
         if self.residual:
-            residual_features, residual_mask = _pad_rows(discarded_rows, dim, bags[0].features)
+            residual_features, residual_mask = pad_sequences(discarded_rows, dtype=torch.float32)
             residual_parts = Batch(residual_features, residual_mask, labels, slide_ids)
             hyperslides = packing(discarded_rows)
         return PackedBatch(
@@ -358,7 +375,7 @@ class PackMILMethod(TrainingMethod):
         if self.downsample == "none":
             return parts
         if self.downsample == "attention":
-            return keep_top_attention(model, parts, ratio=self.ratio, min_len=self.min_len)
+            return keep_top_attention(model, parts, ratio=self.ratio, min_len=self.min_len, per_bag=self.per_bag)
         return self._ads(parts, training=model.training)
 
     def _ads(self, parts: Batch, *, training: bool) -> Batch:
@@ -375,7 +392,7 @@ class PackMILMethod(TrainingMethod):
                 rows.append(self.downsampler.grouped(tokens, self.ratio))
             else:
                 rows.append(self.downsampler(tokens.unsqueeze(0))[0])
-        features, mask = _pad_rows(rows, parts.features.shape[-1], parts.features)
+        features, mask = pad_sequences(rows)
         return Batch(features, mask, parts.labels, parts.slide_ids)
 
     def compute_loss(self, model: MILModel, batch: Batch, *, progress: float) -> StepResult:
@@ -383,7 +400,6 @@ class PackMILMethod(TrainingMethod):
         if not isinstance(batch, PackedBatch):
             return super().compute_loss(model, batch, progress=progress)
         main = self._downsampled(model, batch)
-        output = model(main.features, main.mask)
         extra: dict[str, torch.Tensor] = {}
         hyperslides = None
         if batch.residual is not None and batch.hyperslide_index is not None:
@@ -394,11 +410,22 @@ class PackMILMethod(TrainingMethod):
                 token_weighted=self.token_weighted_labels,
             )
         if hyperslides is not None and hyperslides.soft_labels is not None:
-            residual_output = model(hyperslides.features, hyperslides.mask)
-            extra["residual"] = self.residual_weight * residual_loss(
-                residual_output.logits, hyperslides.soft_labels, self.residual_loss
+            if self.per_bag:
+                logits = torch.cat([model(row.features, None).logits for row in unpadded_rows(hyperslides)])
+            else:
+                logits = model(hyperslides.features, hyperslides.mask).logits
+            extra["residual"] = self.residual_weight * residual_loss(logits, hyperslides.soft_labels, self.residual_loss)
+        if self.per_bag:
+            rows = unpadded_rows(main)
+            result = combine_results(
+                [self.supervised_loss(model, model(row.features, None), row) for row in rows],
+                bag_shares(main.labels, self.class_weights),
             )
-        result = self.supervised_loss(model, output, main, extra)
+            for name, value in extra.items():
+                result.loss = result.loss + self.aux_weights.get(name, 1.0) * value.float()
+                result.terms[name] = float(value.detach())
+        else:
+            result = self.supervised_loss(model, model(main.features, main.mask), main, extra)
         result.terms["main_tokens"] = float(main.mask.sum())
         if hyperslides is not None:
             result.terms["residual_tokens"] = float(hyperslides.mask.sum())
