@@ -137,6 +137,20 @@ def inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def cmu_inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The CMU slide's paler, looser skin (its 0.5-µm pixels taken as 1 µm) clean and with the same
+    strokes over it as `inked_slides["over"]`; JPEG noise makes its dark crossings rough."""
+    from wsi_mil.demo.scanner import build_inked_slide
+
+    folder = tmp_path_factory.mktemp("cmu-inked")
+    source = slides_dir / "tissue" / "CMU-1-Small-Region.svs"
+    return {
+        layout: build_inked_slide(folder / f"{layout}.tiff", source, ink=layout, source_level=0)
+        for layout in ("none", "over")
+    }
+
+
+@pytest.fixture(scope="session")
 def hard_inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same TCGA composites with strokes that break naive fixes -- two colours crossing over glass
     and over tissue, strokes along the tissue's rim, faint strokes, black strokes over nuclei-rich

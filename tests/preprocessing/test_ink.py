@@ -63,23 +63,25 @@ def _stroke(rgb: np.ndarray, rows: slice, cols: slice, color: str) -> None:
 def test_colour_under_ink_gives_back_the_tissue_and_the_glass(slides_dir: Path) -> None:
     clean = _real_slide_at_8um(slides_dir / TCGA, 0.5)
     background = dominant_color(clean)
-    # A green band across the section and a red one crossing it (over tissue and over glass),
-    # and a black band along the section's lower part.
+    # A green band across the section and a red one crossing it over tissue, a short green one
+    # crossing the red over the glass above the section, and a black band along its lower part.
     inked = clean.astype(np.float32)
     height, width = clean.shape[:2]
+    red = slice(width // 3, width // 3 + 32)
     _stroke(inked, slice(height // 2 - 15, height // 2 + 15), slice(0, width), "green")
-    _stroke(inked, slice(0, height), slice(width // 3, width // 3 + 32), "red")
+    _stroke(inked, slice(2, 28), slice(width // 3 - 50, width // 3 + 82), "green")
+    _stroke(inked, slice(0, height), red, "red")
     _stroke(inked, slice(height - 60, height - 35), slice(0, width), "black")
     inked = np.clip(inked, 0, 255).astype(np.uint8)
     ink = detect_ink(inked, mask_mpp=8.0, min_area_um2=5000)
     truth = np.zeros(clean.shape[:2], dtype=bool)
-    truth[height // 2 - 15 : height // 2 + 15] = truth[:, width // 3 : width // 3 + 32] = True
-    truth[height - 60 : height - 35] = True
-    assert (ink[truth]).all()  # the crossing of green and red (dark brown, no rule's colour) too
+    truth[height // 2 - 15 : height // 2 + 15] = truth[:, red] = True
+    truth[2:28, width // 3 - 50 : width // 3 + 82] = truth[height - 60 : height - 35] = True
+    assert (ink[truth]).all()  # the crossings of green and red (dark brown, no rule's colour) too
 
     tissue_level = 0.2 * 255  # saturation: glass is far below, stained tissue far above
     clean_tissue = _saturation(clean) > tissue_level
-    colour, over_glass = colour_under_ink(inked, ink, background)
+    colour, over_glass = colour_under_ink(inked, ink, background, mask_mpp=8.0)
     recovered = _saturation(colour) > tissue_level
     under = truth & clean_tissue
     assert under.sum() > 2000
@@ -93,9 +95,12 @@ def test_colour_under_ink_gives_back_the_tissue_and_the_glass(slides_dir: Path) 
     glass = truth & (clean.min(axis=-1) > 225)
     assert glass.sum() > 1000
     assert over_glass[glass].mean() > 0.6 and recovered[glass].mean() < 0.06  # stroke rims
+    crossing_over_glass = np.zeros_like(glass)
+    crossing_over_glass[5:25, red] = True  # inside the crossing: measured against green plus red
+    assert (crossing_over_glass <= glass).all() and not recovered[crossing_over_glass].any()
     assert (recovered[~ink] == (_saturation(inked) > tissue_level)[~ink]).all()
     # No ink: the colours come back as they are.
-    untouched, none_over_glass = colour_under_ink(inked, np.zeros_like(ink), background)
+    untouched, none_over_glass = colour_under_ink(inked, np.zeros_like(ink), background, mask_mpp=8.0)
     np.testing.assert_array_equal(untouched, inked.astype(np.float32))
     assert not none_over_glass.any()
 

@@ -17,6 +17,7 @@ gives back the colour underneath, on which the ordinary tissue rule then runs.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -50,6 +51,10 @@ SMOOTH_INK_MAX_TEXTURE = 0.08
 SMOOTH_INK_RADIUS_PX = 2
 GLASS_CONTACT_PX = 10
 GLASS_TOLERANCE = 25
+# A pixel is measured against two inks crossing when both are this near and it holds at least
+# both (within this OD, for the uneven ink load).
+CROSSING_REACH_UM = 400.0
+CROSSING_TOLERANCE_OD = 0.1
 # Channels darker than this (0-255) carry no signal (quantisation, JPEG noise); full weight from
 # DARK_CHANNEL_FLOOR + DARK_CHANNEL_RAMP up.
 DARK_CHANNEL_FLOOR = 4.0
@@ -62,15 +67,22 @@ def _in_hue_range(hue: np.ndarray, low: float, high: float) -> np.ndarray:
     return (hue >= low) | (hue < high)
 
 
-def ink_pixels(rgb: np.ndarray) -> np.ndarray:
-    """Boolean `[h, w]`: pixels of uint8 RGB `[h, w, 3]` whose colour is marker ink by the rules above."""
+def ink_classes(rgb: np.ndarray) -> np.ndarray:
+    """uint8 `[h, w]` of uint8 RGB `[h, w, 3]`: 0 where no rule takes the pixel, else 1 + the index of
+    the first hue rule that does (green, blue, red), or 1 + their number for black."""
     hsv = rgb2hsv(rgb)
     hue, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
-    ink = (value < BLACK_MAX_VALUE) & (saturation < BLACK_MAX_SATURATION)
-    ink |= value < ANY_COLOUR_MAX_VALUE
-    for low, high, min_saturation in INK_HUE_RULES.values():
-        ink |= _in_hue_range(hue, low, high) & (saturation >= min_saturation)
-    return ink
+    classes = np.zeros(hue.shape, dtype=np.uint8)
+    for index, (low, high, min_saturation) in enumerate(INK_HUE_RULES.values(), start=1):
+        classes[(classes == 0) & _in_hue_range(hue, low, high) & (saturation >= min_saturation)] = index
+    black = ((value < BLACK_MAX_VALUE) & (saturation < BLACK_MAX_SATURATION)) | (value < ANY_COLOUR_MAX_VALUE)
+    classes[(classes == 0) & black] = len(INK_HUE_RULES) + 1
+    return classes
+
+
+def ink_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Boolean `[h, w]`: pixels of uint8 RGB `[h, w, 3]` whose colour is marker ink by the rules above."""
+    return ink_classes(rgb) > 0
 
 
 def detect_ink(rgb: np.ndarray, *, mask_mpp: float, min_area_um2: float) -> np.ndarray:
@@ -142,8 +154,31 @@ def _ink_references(
     return anchored[labels]
 
 
+def _reference_od(od: np.ndarray, references: np.ndarray, classes: np.ndarray, *, reach_px: float) -> np.ndarray:
+    """OD `[h, w, 3]` of the ink each pixel is measured against: the nearest reference pixel's, or the
+    sum of the nearest references of two colours (both within `reach_px`) where the pixel holds at
+    least both and that explains more of it -- a crossing of two strokes."""
+    _, (rows, cols) = ndimage.distance_transform_edt(~references, return_indices=True)
+    reference = od[rows, cols]
+    nearest_by_colour = []
+    for colour_class in np.unique(classes[references]):
+        distance, (rows, cols) = ndimage.distance_transform_edt(
+            ~(references & (classes == colour_class)), return_indices=True
+        )
+        nearest_by_colour.append((distance <= reach_px, od[rows, cols]))
+    unexplained = np.clip(od - reference, 0.0, None).sum(axis=-1)
+    for (near_a, od_a), (near_b, od_b) in itertools.combinations(nearest_by_colour, 2):
+        crossing = od_a + od_b
+        rest = od - crossing
+        pair_unexplained = np.clip(rest, 0.0, None).sum(axis=-1)
+        better = near_a & near_b & (rest >= -CROSSING_TOLERANCE_OD).all(axis=-1) & (pair_unexplained < unexplained)
+        reference[better] = crossing[better]
+        unexplained[better] = pair_unexplained[better]
+    return reference
+
+
 def colour_under_ink(
-    rgb: np.ndarray, ink: np.ndarray, background: tuple[int, int, int]
+    rgb: np.ndarray, ink: np.ndarray, background: tuple[int, int, int], *, mask_mpp: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """float32 `[h, w, 3]`: `rgb` with the marker ink divided out of the `ink` pixels (others unchanged),
     and the boolean `[h, w]` ink pixels taken to lie over glass.
@@ -152,7 +187,8 @@ def colour_under_ink(
     ink is ink again (where strokes cross), are their own reference and come out as glass. Every
     other ink pixel (tissue under the stroke, the stroke's rim) takes as reference the OD of the
     nearest such pixel -- the same stroke over glass -- and keeps what it has beyond it. Nearest,
-    not per stroke, so crossing strokes of different colours each keep their own reference. Less
+    not per stroke, so crossing strokes of different colours each keep their own reference; where
+    a pixel holds two colours of ink (within `CROSSING_REACH_UM`), it is measured against both. Less
     ink than the reference (a rim, a thinner coat) is no tissue: that part is dropped along the
     ink's own direction, so a neutral black reference never bleaches tissue colour. Near-black
     channels are ignored. With no reference at all, ink pixels come out as glass.
@@ -180,11 +216,11 @@ def colour_under_ink(
     near_glass = ndimage.distance_transform_edt(~bare_glass) <= GLASS_CONTACT_PX
     references = _ink_references(od, smooth, near_glass, background)
     over_glass[box] = references
+    reach_px = CROSSING_REACH_UM / mask_mpp
     if not references.any():
         crop[crop_ink] = glass
         return colour, over_glass
-    _, (near_rows, near_cols) = ndimage.distance_transform_edt(~references, return_indices=True)
-    reference = od[near_rows, near_cols]
+    reference = _reference_od(od, references, ink_classes(crop.astype(np.uint8)), reach_px=reach_px)
     excess = od - reference
     direction = reference / np.maximum(np.linalg.norm(reference, axis=-1, keepdims=True), 1e-6)
     along = (excess * direction).sum(axis=-1, keepdims=True)

@@ -1,8 +1,9 @@
 """Classical tissue segmentation on a low-resolution copy of the slide, and its QuPath GeoJSON export.
 
 Brightfield: marker ink found by colour and divided out of the colours under it -> HSV saturation ->
-median blur -> Otsu on what is not ink, applied everywhere -> closing -> fill small holes -> drop
-small objects (the CLAM recipe, in physical units, plus pen filtering). Fluorescence: the
+median blur -> Otsu on what is not ink, applied everywhere (thin lines under ink dropped, tissue
+bridged under strokes that cross it) -> closing -> fill small holes -> drop small objects (the
+CLAM recipe, in physical units, plus pen filtering). Fluorescence: the
 brightest channel with the triangle threshold (dim autofluorescent tissue over a black background),
 then the same cleanup.
 """
@@ -24,6 +25,7 @@ from wsi_mil.preprocessing.ink import bridge_under_ink, colour_under_ink, detect
 from wsi_mil.preprocessing.slide import SlideReader
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 TISSUE_COLOR = (0, 200, 0)
 INK_COLOR = (230, 0, 230)
 # Glass in brightfield is bright and near neutral (checked on the slide's dominant colour).
@@ -261,13 +263,22 @@ def segment_tissue(slide: SlideReader, params: TissueParams) -> TissueMask:
     # Ink rules assume glass behind the strokes; a dark or coloured background gets a QC warning.
     if params.mode == "brightfield" and params.remove_ink and is_glass_color(background):
         ink = detect_ink(rgb, mask_mpp=mask_mpp, min_area_um2=params.min_ink_area_um2)
-    colour, over_glass = colour_under_ink(rgb, ink, background)
-    signal = _saturation(colour) if params.mode == "brightfield" else rgb.max(axis=-1)
+    over_glass = np.zeros_like(ink)
+    if params.mode != "brightfield":
+        signal = rgb.max(axis=-1)
+    elif ink.any():
+        colour, over_glass = colour_under_ink(rgb, ink, background, mask_mpp=mask_mpp)
+        signal = _saturation(colour)
+    else:
+        signal = _saturation(rgb)
     if params.median_kernel > 1:
         signal = ndimage.median_filter(signal, size=params.median_kernel, mode="nearest")
     foreground = _threshold(signal, params, exclude=ink)
     if ink.any():
-        # Tissue on both sides of a stroke stays tissue under it where the ink is not over glass.
+        # Lines one or two pixels wide under ink are the partly covered edges of strokes, not tissue;
+        # tissue on both sides of a stroke stays tissue under it where the ink is not over glass.
+        under_ink = ndimage.binary_opening(foreground & ink, _FOUR_CONNECTED)
+        foreground = (foreground & ~ink) | under_ink
         width_px = params.ink_bridge_um / mask_mpp
         foreground |= bridge_under_ink(foreground & ~ink, ink & ~over_glass, width_px=width_px)
     cleaned = _clean(foreground, params, mask_mpp=mask_mpp)
