@@ -9,7 +9,10 @@ run with the default settings (256 px at 0.5 µm/px, tissue fraction >= 0.25); n
 Definitions:
 - tissue recall (mask): share of the true tissue that the tissue mask covers;
 - tissue recall (tiles): share of the true tissue that kept tiles cover;
+- recall vs clean: tissue recall (tiles) over that of the same tissue without ink;
 - tiles on ink: share of kept tiles whose area is at least 25 % ink (truth);
+- tiles on glass ink: kept tiles at least 25 % ink (truth) with under 10 % true tissue (ink over
+  bare glass taken for tissue);
 - coverage of tissue polygons: share of the area of the slide's own tissue polygons (the GeoJSON
   the pipeline writes) that kept tiles cover.
 """
@@ -73,18 +76,22 @@ def segment_and_tile(path: Path) -> tuple[SlideReader, TissueMask, TileGrid]:
     return slide, mask, tile_grid(slide, mask, TilingParams())
 
 
-def composite_row(name: str, composite: CompositeSlide, clean_tiles: int | None) -> dict[str, Any]:
+def composite_row(name: str, composite: CompositeSlide, clean: dict[str, Any] | None) -> dict[str, Any]:
     slide, mask, grid = segment_and_tile(composite.path)
     truth, ds = composite.tissue, composite.truth_downsample
     covered = tile_footprint(grid.coords, grid.tile_size_level0, truth.shape, ds)
     true_ink = composite.ink_fractions(grid.coords, grid.tile_size_level0)
+    true_tissue = composite.tissue_fractions(grid.coords, grid.tile_size_level0)
+    recall = float(covered[truth].mean())
     row: dict[str, Any] = {
         "slide": name,
         "tiles": len(grid),
-        "tiles_vs_clean": None if clean_tiles is None else round(len(grid) / clean_tiles, 3),
+        "tiles_vs_clean": None if clean is None else round(len(grid) / clean["tiles"], 3),
         "tissue_recall_mask": round(float(mask_on_truth(mask, truth, ds)[truth].mean()), 3),
-        "tissue_recall_tiles": round(float(covered[truth].mean()), 3),
+        "tissue_recall_tiles": round(recall, 3),
+        "recall_vs_clean": None if clean is None else round(recall / clean["tissue_recall_tiles"], 3),
         "tiles_on_ink": round(float((true_ink >= ON_INK).mean()) if len(grid) else 0.0, 3),
+        "tiles_on_glass_ink": int(((true_ink >= ON_INK) & (true_tissue < 0.1)).sum()),
         "coverage_of_tissue_polygons": round(float(covered[polygon_raster(mask, truth.shape, ds)].mean()), 3),
     }
     detected = getattr(grid, "ink_fractions", None)
@@ -121,22 +128,33 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {"ink": [], "edges": [], "real": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        every = ("green", "blue", "red", "black")
         variants = (
-            ("clean", "none", ()),
-            ("green, blue, red ink around the tissue", "around", ("green", "blue", "red")),
-            ("green, blue, red, black ink around the tissue", "around", ("green", "blue", "red", "black")),
-            ("green, blue, red, black ink over the tissue", "over", ("green", "blue", "red", "black")),
+            ("clean", "none", (), "middle"),
+            ("green, blue, red ink around the tissue", "around", ("green", "blue", "red"), "middle"),
+            ("green, blue, red, black ink around the tissue", "around", every, "middle"),
+            ("green, blue, red, black ink over the tissue", "over", every, "middle"),
+            ("green x red crossing over glass, blue x red over tissue", "crossing", every, "middle"),
+            ("green, blue strokes along the tissue's rim", "border", every, "middle"),
+            ("faint green ring, faint red and blue strokes across", "faint", every, "middle"),
+            ("clean, nuclei-rich pieces", "none", (), "nuclei-rich"),
+            ("black strokes over nuclei-rich tissue", "black-over", every, "nuclei-rich"),
         )
         # TCGA: dense, strongly stained tumour (its level 1 taken as 1 µm/px); CMU: paler skin with
         # loose dermis (its 0.5-µm pixels taken as 1 µm, so the pieces hold more of its tissue).
         for source_name, source, level in (("TCGA", TCGA, 1), ("CMU", CMU, 0)):
-            clean_tiles = None
-            for index, (name, layout, colors) in enumerate(variants):
+            clean: dict[str, Any] | None = None
+            for index, (name, layout, colors, pieces) in enumerate(variants):
                 composite = build_inked_slide(
-                    folder / f"ink-{source_name}-{index}.tiff", source, ink=layout, colors=colors, source_level=level
+                    folder / f"ink-{source_name}-{index}.tiff",
+                    source,
+                    ink=layout,
+                    colors=colors,
+                    pieces=pieces,
+                    source_level=level,
                 )
-                row = composite_row(f"{source_name}: {name}", composite, clean_tiles)
-                clean_tiles = clean_tiles or row["tiles"]
+                row = composite_row(f"{source_name}: {name}", composite, None if layout == "none" else clean)
+                clean = row if layout == "none" else clean
                 rows["ink"].append(row)
         edge = build_edge_slide(folder / "edge.tiff", TCGA)
         rows["edges"].append(composite_row("edge composite (0.25 µm/px)", edge, None))

@@ -137,6 +137,40 @@ def inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def cmu_inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The CMU slide's paler, looser skin (its 0.5-µm pixels taken as 1 µm) clean and with the same
+    strokes over it as `inked_slides["over"]`; JPEG noise makes its dark crossings rough."""
+    from wsi_mil.demo.scanner import build_inked_slide
+
+    folder = tmp_path_factory.mktemp("cmu-inked")
+    source = slides_dir / "tissue" / "CMU-1-Small-Region.svs"
+    return {
+        layout: build_inked_slide(folder / f"{layout}.tiff", source, ink=layout, source_level=0)
+        for layout in ("none", "over")
+    }
+
+
+@pytest.fixture(scope="session")
+def hard_inked_slides(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same TCGA composites with strokes that break naive fixes -- two colours crossing over glass
+    and over tissue, strokes along the tissue's rim, faint strokes, black strokes over nuclei-rich
+    tissue -- each paired with its clean slide (key `(layout, "none")`)."""
+    from wsi_mil.demo.scanner import build_inked_slide
+
+    folder = tmp_path_factory.mktemp("hard-inked")
+    slides = {}
+    for layout, pieces in (("crossing", "middle"), ("border", "middle"), ("faint", "middle"), ("black-over", "nuclei-rich")):
+        for ink in (layout, "none"):
+            if (pieces, ink) not in slides:
+                slides[pieces, ink] = build_inked_slide(
+                    folder / f"{pieces}-{ink}.tiff", slides_dir / TCGA, ink=ink, pieces=pieces
+                )
+        slides[layout] = slides[pieces, layout]
+        slides[layout, "none"] = slides[pieces, "none"]
+    return slides
+
+
+@pytest.fixture(scope="session")
 def edge_slide(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Real TCGA tissue running off the right and bottom edges of a 3300 x 2900 px, 0.25 µm/px slide."""
     from wsi_mil.demo.scanner import build_edge_slide

@@ -11,7 +11,7 @@ import pytest
 
 from wsi_mil.errors import MissingMppError
 from wsi_mil.preprocessing.slide import open_slide
-from wsi_mil.preprocessing.tiling import TilingParams, tile_grid
+from wsi_mil.preprocessing.tiling import TilingParams, tile_footprint, tile_grid
 from wsi_mil.preprocessing.tissue import (
     INK_COLOR,
     TissueMask,
@@ -216,21 +216,55 @@ def test_ink_around_the_tissue_is_neither_tissue_nor_tiled(inked_slides) -> None
     assert (unfiltered_ink >= 0.25).mean() > 0.5
 
 
-def test_ink_over_the_tissue_keeps_the_tissue_between_and_flags_its_tiles(inked_slides) -> None:
+def _tissue_recall_by_tiles(composite, grid) -> float:
+    covered = tile_footprint(grid.coords, grid.tile_size_level0, composite.tissue.shape, composite.truth_downsample)
+    return float(covered[composite.tissue].mean())
+
+
+def test_ink_over_the_tissue_keeps_the_tissue_under_it_and_flags_its_tiles(inked_slides) -> None:
     composite = inked_slides["over"]
+    _, clean_grid, _ = _tiles_and_truth(inked_slides["none"])
     _, grid, true_ink = _tiles_and_truth(composite)
     true_tissue = composite.tissue_fractions(grid.coords, grid.tile_size_level0)
-    # Tiles under strokes drawn across the tissue stay (tissue on both sides of the stroke) ...
-    under_ink = (true_ink >= 0.5) & (true_tissue >= 0.5)
-    assert under_ink.sum() >= 5
-    # ... and carry their ink fraction: every tile that is half ink is flagged, clean ones are not.
-    assert (grid.ink_fractions[true_ink >= 0.5] >= 0.25).all()
+    # The tissue under the strokes stays: the tiles cover as much tissue as on the clean slide
+    # (0.741 of it before the ink was divided out, against 0.965 clean) ...
+    clean_recall = _tissue_recall_by_tiles(inked_slides["none"], clean_grid)
+    assert _tissue_recall_by_tiles(composite, grid) >= 0.95 * clean_recall
+    assert ((true_ink >= 0.5) & (true_tissue >= 0.5)).sum() >= 20
+    # ... and carry their ink fraction: every tile that is a quarter ink is flagged, clean ones are not.
+    assert (grid.ink_fractions[true_ink >= 0.25] >= 0.25).all()
     assert (grid.ink_fractions[true_ink == 0] < 0.25).mean() > 0.9
-    assert (true_tissue >= 0.1).all()  # no tile on ink over bare glass
+    assert ((true_ink >= 0.25) & (true_tissue < 0.1)).sum() <= 0.02 * len(grid)  # ink over bare glass
     # Dropping tiles above an ink fraction keeps only the cleaner ones.
     _, strict, strict_ink = _tiles_and_truth(composite, tiling=TilingParams(max_ink_fraction=0.25))
     assert len(strict) < len(grid) and (strict.ink_fractions <= 0.25).all()
     assert (strict_ink < 0.5).all()
+
+
+def test_ink_over_loose_pale_tissue_keeps_it_and_few_tiles_lie_on_glass_ink(cmu_inked_slides) -> None:
+    composite, clean = cmu_inked_slides["over"], cmu_inked_slides["none"]
+    _, grid, true_ink = _tiles_and_truth(composite)
+    _, clean_grid, _ = _tiles_and_truth(clean)
+    true_tissue = composite.tissue_fractions(grid.coords, grid.tile_size_level0)
+    # 0.213 of the tissue before the ink was divided out, against 0.761 clean.
+    assert _tissue_recall_by_tiles(composite, grid) >= 0.95 * _tissue_recall_by_tiles(clean, clean_grid)
+    # Where green crosses red beside the tissue, each pixel is measured against both inks (5 tiles
+    # on glass ink without that, 4 without dropping the strokes' thin partly covered edges).
+    assert ((true_ink >= 0.25) & (true_tissue < 0.1)).sum() <= 2
+    assert (grid.ink_fractions[true_ink >= 0.25] >= 0.25).all()
+
+
+@pytest.mark.parametrize("layout", ["crossing", "border", "faint", "black-over"])
+def test_strokes_that_break_naive_fixes_keep_the_tissue_and_leave_glass_ink_out(hard_inked_slides, layout) -> None:
+    composite, clean = hard_inked_slides[layout], hard_inked_slides[layout, "none"]
+    _, grid, true_ink = _tiles_and_truth(composite)
+    _, clean_grid, _ = _tiles_and_truth(clean)
+    true_tissue = composite.tissue_fractions(grid.coords, grid.tile_size_level0)
+    assert _tissue_recall_by_tiles(composite, grid) >= 0.95 * _tissue_recall_by_tiles(clean, clean_grid)
+    assert ((true_ink >= 0.25) & (true_tissue < 0.1)).sum() <= 0.02 * len(grid)  # ink over bare glass
+    if layout != "faint":  # a faint red stroke over eosin looks like eosin: not all its tiles are flagged
+        # (one border tile, 25 % ink, is measured 24 %: mask pixels are 8 µm)
+        assert (grid.ink_fractions[true_ink >= 0.25] >= 0.2).all()
 
 
 def test_geojson_carries_ink_as_its_own_class(inked_slides) -> None:

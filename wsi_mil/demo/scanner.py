@@ -1,5 +1,6 @@
-"""Slides as real archives hold them, built from real tissue crops: marker ink around or over the
-tissue, tissue cut by the slide's edge, and tiles whose JPEG data is damaged.
+"""Slides as real archives hold them, built from real tissue crops: marker ink around, over, across and
+along the tissue (crossing strokes, faint strokes, black over nuclei-rich tissue), tissue cut by the
+slide's edge, and tiles whose JPEG data is damaged.
 
 Each builder writes a pyramidal TIFF that OpenSlide opens and returns where the tissue and the ink
 really are (`CompositeSlide.tissue` and `.ink`, boolean masks), so tests and
@@ -27,7 +28,7 @@ from wsi_mil.preprocessing.slide import open_slide
 from wsi_mil.preprocessing.tissue import TissueMask, TissueParams
 
 InkColor = Literal["green", "blue", "red", "black"]
-InkLayout = Literal["none", "around", "over"]
+InkLayout = Literal["none", "around", "over", "crossing", "border", "faint", "black-over"]
 
 # Light transmitted by one coat of marker ink, per RGB channel (Beer-Lambert: `coats` coats pass
 # transmittance ** coats). The scanned colours on glass are about (60, 145, 108) green,
@@ -42,15 +43,18 @@ INK_TRANSMITTANCE: dict[InkColor, tuple[float, float, float]] = {
 # lumens stay below 0.08, the TCGA section's stroma and nuclei lie between 0.3 and 0.7.
 _SOURCE_TISSUE_SATURATION = 0.15
 _INK_EDGE_UM = 4.0
+# A faint stroke (a drying marker, a light touch) lays this many coats.
+FAINT_COATS = 0.45
 
 
 @dataclass(frozen=True)
 class Stroke:
-    """A marker stroke: a polyline in level-0 px `(x, y)`, `width_um` wide."""
+    """A marker stroke: a polyline in level-0 px `(x, y)`, `width_um` wide, laying `coats` coats of ink."""
 
     color: InkColor
     points: tuple[tuple[float, float], ...]
     width_um: float
+    coats: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,9 @@ def _apply_ink(
     """Darken `canvas` under each stroke as translucent dye would (over glass and tissue alike)."""
     for stroke in strokes:
         coverage, window = _stroke_coverage(stroke, canvas.shape[:2], mpp)
-        # Uneven ink load along the stroke: about 0.85-1.15 coats, varying over some 100 µm.
-        coats = coverage * (1.0 + 0.1 * _smooth_noise(coverage.shape, round(100 / mpp), rng))
+        # Uneven ink load along the stroke: about 0.85-1.15 times its coats, varying over some 100 µm.
+        load = stroke.coats * (1.0 + 0.1 * _smooth_noise(coverage.shape, round(100 / mpp), rng))
+        coats = coverage * load
         transmittance = np.asarray(INK_TRANSMITTANCE[stroke.color], dtype=np.float32)
         canvas[window] *= transmittance ** coats[..., None]
         ink_truth[window] |= coverage >= 0.5
@@ -196,12 +201,83 @@ def _downsampled_truth(truth: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(1, 3)) >= 0.5
 
 
+def _nuclei_rich_centre(source: str | Path, level: int, window: tuple[int, int]) -> tuple[int, int]:
+    """Centre `(x, y)` in pixels of `level` of the `window`-sized (w, h) box of the source with the most
+    hematoxylin-dark pixels (value under 0.45, as nuclei are at a few µm per pixel)."""
+    with open_slide(source) as slide:
+        rgb = slide.read_region((0, 0), level, slide.level_dimensions[level])
+    dark = (rgb.max(axis=-1) < 0.45 * 255).astype(np.float32)
+    density = ndimage.uniform_filter(dark, size=(window[1], window[0]), mode="constant")
+    half_w, half_h = window[0] // 2 + 1, window[1] // 2 + 1
+    inner = density[half_h : dark.shape[0] - half_h, half_w : dark.shape[1] - half_w]
+    row, col = np.unravel_index(int(inner.argmax()), inner.shape)
+    return int(col) + half_w, int(row) + half_h
+
+
+def _layout_strokes(
+    ink: InkLayout, centres: Sequence[tuple[float, float]], piece: tuple[float, float], scale: float
+) -> list[Stroke]:
+    """The marker strokes of a layout, for two pieces `piece` (w, h) px wide centred at `centres`."""
+    (ax, ay), (bx, by) = centres
+    piece_w, piece_h = piece
+
+    def at(x_um: float, y_um: float, origin: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
+        return origin[0] + x_um * scale, origin[1] + y_um * scale
+
+    ring_a = (piece_w / 2 + 300 * scale, piece_h / 2 + 300 * scale)
+    ring_b = (piece_w / 2 + 280 * scale, piece_h / 2 + 280 * scale)
+    if ink == "around":
+        return [
+            Stroke("green", _ring((ax, ay), ring_a), 250),
+            Stroke("blue", _ring((bx, by), ring_b), 220),
+            Stroke("red", (at(1950, 150), at(1950, 700)), 280),
+            Stroke("red", (at(1800, 500), at(1950, 700), at(2100, 500)), 280),
+            Stroke("black", _scribble(*at(1700, 1900), 500 * scale, 500 * scale, 3), 200),
+        ]
+    if ink == "over":
+        return [
+            Stroke("green", (at(-700, -500, (ax, ay)), at(700, 450, (ax, ay))), 250),
+            Stroke("blue", _scribble(*at(-650, -200, (bx, by)), 1300 * scale, 400 * scale, 2), 220),
+            Stroke("red", (at(-650, 250, (ax, ay)), at(650, 150, (ax, ay))), 280),
+            Stroke("black", (at(-100, -650, (bx, by)), at(50, 650, (bx, by))), 200),
+        ]
+    if ink == "crossing":
+        # Green across red on the glass between the pieces, blue across red over the second piece.
+        return [
+            Stroke("green", (at(1600, 150), at(2350, 750)), 250),
+            Stroke("red", (at(1600, 750), at(2350, 150)), 250),
+            Stroke("blue", (at(-550, -450, (bx, by)), at(550, 450, (bx, by))), 220),
+            Stroke("red", (at(-550, 450, (bx, by)), at(550, -450, (bx, by))), 250),
+        ]
+    if ink == "border":
+        # Strokes whose middle follows the tissue's rim: half over tissue, half over glass.
+        rim_a = (0.9 * piece_w / 2, 0.9 * piece_h / 2)
+        rim_b = (0.9 * piece_w / 2, 0.9 * piece_h / 2)
+        return [
+            Stroke("green", _ring((ax, ay), rim_a)[100:220], 250),
+            Stroke("blue", _ring((bx, by), rim_b)[10:110], 220),
+        ]
+    if ink == "faint":
+        return [
+            Stroke("green", _ring((ax, ay), ring_a), 250, FAINT_COATS),
+            Stroke("red", (at(-650, 100, (ax, ay)), at(650, 0, (ax, ay))), 280, FAINT_COATS),
+            Stroke("blue", _scribble(*at(-650, -200, (bx, by)), 1300 * scale, 400 * scale, 2), 220, FAINT_COATS),
+        ]
+    if ink == "black-over":
+        return [
+            Stroke("black", (at(-600, -500, (ax, ay)), at(600, 450, (ax, ay))), 250),
+            Stroke("black", (at(-100, -650, (bx, by)), at(50, 650, (bx, by))), 200),
+        ]
+    return []
+
+
 def build_inked_slide(
     path: str | Path,
     source: str | Path,
     *,
     ink: InkLayout,
     colors: Sequence[InkColor] = ("green", "blue", "red", "black"),
+    pieces: Literal["middle", "nuclei-rich"] = "middle",
     mpp: float = 1.0,
     source_level: int = 1,
     seed: int = 0,
@@ -210,49 +286,36 @@ def build_inked_slide(
     """Two pieces of real tissue on glass (4.0 x 2.6 mm at `mpp`), with marker strokes 200-300 µm wide.
 
     `ink="around"` circles and annotates the pieces without touching them (the builder checks that no
-    ink lies on tissue); `ink="over"` draws the same colours across them; `"none"` is the clean slide.
-    The same seed gives the same tissue in all three, so they compare like with like.
+    ink lies on tissue); `"over"` draws the same colours across them; `"crossing"` crosses green and
+    red on the glass and blue and red over a piece; `"border"` runs strokes along the tissue's rim;
+    `"faint"` draws light strokes (`FAINT_COATS` coats) around and across; `"black-over"` draws black
+    strokes across both pieces; `"none"` is the clean slide. `pieces="nuclei-rich"` cuts the pieces
+    from the source's darkest part instead of its middle. The same seed and pieces give the same
+    tissue in every layout, so they compare like with like.
     """
     rng = np.random.default_rng(seed)
     scale = 1.0 / mpp  # level-0 px per µm; the layout below is in µm
     width, height = round(4000 * scale), round(2600 * scale)
     canvas = _glass(height, width, rng)
     tissue = np.zeros((height, width), dtype=bool)
-    # Two pieces of 900 x 800 µm cut side by side from the source's middle, laid with their
-    # centres at (1000, 1250) and (2950, 1250) µm.
+    # Two pieces of 900 x 800 µm cut side by side from the source (its middle, or its most
+    # nuclei-rich part), laid with their centres at (1000, 1250) and (2950, 1250) µm.
     with open_slide(source) as slide:
         src_w, src_h = slide.level_dimensions[source_level]
     piece_w, piece_h = min(round(900 * scale), src_w // 2 - 10), min(round(800 * scale), src_h - 10)
+    src_cx, src_top = src_w // 2, (src_h - piece_h) // 2
+    if pieces == "nuclei-rich":
+        src_cx, src_cy = _nuclei_rich_centre(source, source_level, (2 * piece_w + 10, piece_h))
+        src_top = src_cy - piece_h // 2
     centres = ((1000 * scale, 1250 * scale), (2950 * scale, 1250 * scale))
     for index, (cx, cy) in enumerate(centres):
-        sx = src_w // 2 - piece_w - 5 if index == 0 else src_w // 2 + 5
-        region = (sx, (src_h - piece_h) // 2, piece_w, piece_h)
+        sx = src_cx - piece_w - 5 if index == 0 else src_cx + 5
+        region = (sx, src_top, piece_w, piece_h)
         piece, piece_tissue = read_source_tissue(source, level=source_level, region=region)
         shape = _piece_shape(piece_h, piece_w, rng)
         origin = (round(cx - piece_w / 2), round(cy - piece_h / 2))
         _paste(canvas, tissue, piece.astype(np.float32), piece_tissue, shape, origin)
-    strokes: list[Stroke] = []
-    (ax, ay), (bx, by) = centres
-    if ink == "around":
-        ring_a = (piece_w / 2 + 300 * scale, piece_h / 2 + 300 * scale)
-        ring_b = (piece_w / 2 + 280 * scale, piece_h / 2 + 280 * scale)
-        candidates = [
-            Stroke("green", _ring((ax, ay), ring_a), 250),
-            Stroke("blue", _ring((bx, by), ring_b), 220),
-            Stroke("red", ((1950 * scale, 150 * scale), (1950 * scale, 700 * scale)), 280),
-            Stroke("red", ((1800 * scale, 500 * scale), (1950 * scale, 700 * scale), (2100 * scale, 500 * scale)), 280),
-            Stroke("black", _scribble(1700 * scale, 1900 * scale, 500 * scale, 500 * scale, 3), 200),
-        ]
-    elif ink == "over":
-        candidates = [
-            Stroke("green", ((ax - 700 * scale, ay - 500 * scale), (ax + 700 * scale, ay + 450 * scale)), 250),
-            Stroke("blue", _scribble(bx - 650 * scale, by - 200 * scale, 1300 * scale, 400 * scale, 2), 220),
-            Stroke("red", ((ax - 650 * scale, ay + 250 * scale), (ax + 650 * scale, ay + 150 * scale)), 280),
-            Stroke("black", ((bx - 100 * scale, by - 650 * scale), (bx + 50 * scale, by + 650 * scale)), 200),
-        ]
-    else:
-        candidates = []
-    strokes = [s for s in candidates if s.color in colors]
+    strokes = [s for s in _layout_strokes(ink, centres, (piece_w, piece_h), scale) if s.color in colors]
     ink_truth = np.zeros_like(tissue)
     _apply_ink(canvas, ink_truth, strokes, mpp, rng)
     if ink == "around" and (ink_truth & tissue).any():

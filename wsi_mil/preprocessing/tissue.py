@@ -1,8 +1,9 @@
 """Classical tissue segmentation on a low-resolution copy of the slide, and its QuPath GeoJSON export.
 
-Brightfield: marker ink found by colour and set aside -> HSV saturation -> median blur -> Otsu on
-what is not ink -> tissue under strokes drawn across it put back -> closing -> fill small holes ->
-drop small objects (the CLAM recipe, in physical units, plus pen filtering). Fluorescence: the
+Brightfield: marker ink found by colour and divided out of the colours under it -> HSV saturation ->
+median blur -> Otsu on what is not ink, applied everywhere (thin lines under ink dropped, tissue
+bridged under strokes that cross it) -> closing -> fill small holes -> drop small objects (the
+CLAM recipe, in physical units, plus pen filtering). Fluorescence: the
 brightest channel with the triangle threshold (dim autofluorescent tissue over a black background),
 then the same cleanup.
 """
@@ -20,10 +21,11 @@ import pydantic
 from scipy import ndimage
 from skimage import filters, measure, morphology
 
-from wsi_mil.preprocessing.ink import bridge_under_ink, detect_ink
+from wsi_mil.preprocessing.ink import bridge_under_ink, colour_under_ink, detect_ink
 from wsi_mil.preprocessing.slide import SlideReader
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 TISSUE_COLOR = (0, 200, 0)
 INK_COLOR = (230, 0, 230)
 # Glass in brightfield is bright and near neutral (checked on the slide's dominant colour).
@@ -39,9 +41,10 @@ class TissueParams(pydantic.BaseModel):
     nuclei, 18 % of the field, the triangle method the whole section, 79 %). The defaults keep
     fragments of at least 10,000 µm² (60 % of a 256-px tile at 0.5 µm/px) and fill holes under
     4,000 µm² (a quarter of such a tile). With `remove_ink` (brightfield, on a slide whose background
-    looks like glass) marker ink is found by colour (`wsi_mil.preprocessing.ink`), kept out of the
-    threshold and out of the tissue, except where a stroke up to `ink_bridge_um` wide crosses tissue:
-    that tissue stays, and the ink over it is reported per tile.
+    looks like glass) marker ink is found by colour (`wsi_mil.preprocessing.ink`) and kept out of the
+    threshold; under it the tissue rule runs on the colour with the ink divided out, so ink over
+    glass is no tissue and tissue under ink stays tissue (its ink is reported per tile). Ink not
+    over glass with tissue on both sides within `ink_bridge_um` is tissue too.
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
@@ -62,11 +65,11 @@ class TissueParams(pydantic.BaseModel):
         4_000.0, ge=0, description="holes smaller than this are filled"
     )
     remove_ink: bool = pydantic.Field(True, description="find marker ink and keep it out of the tissue")
-    min_ink_area_um2: float = pydantic.Field(
-        5_000.0, ge=0, description="ink-coloured pieces smaller than this are not ink"
-    )
     ink_bridge_um: float = pydantic.Field(
         400.0, ge=0, description="tissue under ink strokes up to this wide counts as tissue"
+    )
+    min_ink_area_um2: float = pydantic.Field(
+        5_000.0, ge=0, description="ink-coloured pieces smaller than this are not ink"
     )
 
     @pydantic.field_validator("threshold")
@@ -176,7 +179,7 @@ class TissueMask:
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation of uint8 RGB `[h, w, 3]` scaled to uint8 `[h, w]` (0 where the pixel is black)."""
+    """HSV saturation of RGB `[h, w, 3]` (uint8, or float on the same scale) as uint8 `[h, w]` (0 where black)."""
     high = rgb.max(axis=-1).astype(np.float32)
     low = rgb.min(axis=-1).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -204,22 +207,22 @@ def is_glass_color(rgb: tuple[int, int, int]) -> bool:
     return min(rgb) >= GLASS_MIN_CHANNEL and max(rgb) - min(rgb) <= GLASS_MAX_CHROMA
 
 
-def _threshold(signal: np.ndarray, params: TissueParams, *, ignore: np.ndarray) -> np.ndarray:
-    """Foreground where uint8 `signal` exceeds the fixed or automatic threshold, never on `ignore`.
+def _threshold(signal: np.ndarray, params: TissueParams, *, exclude: np.ndarray) -> np.ndarray:
+    """Foreground where uint8 `signal` exceeds the fixed or automatic threshold.
 
-    Automatic thresholds are computed without the `ignore` pixels and floored at `min_threshold`;
+    Automatic thresholds are computed without the `exclude` pixels and floored at `min_threshold`;
     a constant signal has no foreground.
     """
     method = params.threshold
     if isinstance(method, int):
-        return (signal > method) & ~ignore
-    values = signal[~ignore]
+        return signal > method
+    values = signal[~exclude]
     if values.size == 0 or values.min() == values.max():
         return np.zeros(signal.shape, dtype=bool)
     if method == "auto":
         method = "otsu" if params.mode == "brightfield" else "triangle"
     automatic = filters.threshold_otsu if method == "otsu" else filters.threshold_triangle
-    return (signal > max(float(automatic(values)), float(params.min_threshold))) & ~ignore
+    return signal > max(float(automatic(values)), float(params.min_threshold))
 
 
 def _clean(foreground: np.ndarray, params: TissueParams, *, mask_mpp: float) -> np.ndarray:
@@ -260,12 +263,24 @@ def segment_tissue(slide: SlideReader, params: TissueParams) -> TissueMask:
     # Ink rules assume glass behind the strokes; a dark or coloured background gets a QC warning.
     if params.mode == "brightfield" and params.remove_ink and is_glass_color(background):
         ink = detect_ink(rgb, mask_mpp=mask_mpp, min_area_um2=params.min_ink_area_um2)
-    signal = _saturation(rgb) if params.mode == "brightfield" else rgb.max(axis=-1)
+    over_glass = np.zeros_like(ink)
+    if params.mode != "brightfield":
+        signal = rgb.max(axis=-1)
+    elif ink.any():
+        colour, over_glass = colour_under_ink(rgb, ink, background, mask_mpp=mask_mpp)
+        signal = _saturation(colour)
+    else:
+        signal = _saturation(rgb)
     if params.median_kernel > 1:
         signal = ndimage.median_filter(signal, size=params.median_kernel, mode="nearest")
-    foreground = _threshold(signal, params, ignore=ink)
+    foreground = _threshold(signal, params, exclude=ink)
     if ink.any():
-        foreground |= bridge_under_ink(foreground, ink, width_px=params.ink_bridge_um / mask_mpp)
+        # Lines one or two pixels wide under ink are the partly covered edges of strokes, not tissue;
+        # tissue on both sides of a stroke stays tissue under it where the ink is not over glass.
+        under_ink = ndimage.binary_opening(foreground & ink, _FOUR_CONNECTED)
+        foreground = (foreground & ~ink) | under_ink
+        width_px = params.ink_bridge_um / mask_mpp
+        foreground |= bridge_under_ink(foreground & ~ink, ink & ~over_glass, width_px=width_px)
     cleaned = _clean(foreground, params, mask_mpp=mask_mpp)
     return TissueMask(cleaned, downsample, params, background, ink)
 
