@@ -1,0 +1,165 @@
+"""Slide jobs on a local Ray instance (`executor="ray"`): the same results as the worker thread, job state
+in the service's store, and cancellation, shutdown, failures and a dead Ray worker reaching the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from wsi_mil.service import ray_jobs
+from wsi_mil.service.job_files import JobPaths
+from wsi_mil.service.job_store import JobStore
+from wsi_mil.service.model_registry import ModelRegistry
+from wsi_mil.service.workers import WorkerPool
+
+pytestmark = pytest.mark.usefixtures("ray_instance")
+
+#: small encoder batches, so a job has many checkpoints where it can be stopped
+BATCH_SIZE = 4
+
+
+@pytest.fixture()
+def parts(make_settings, lesion_models_dir: Path, lesion_slide, tmp_path: Path):
+    """Settings for a Ray pool and a local pool on one store, with the lesion models."""
+    ray_settings = make_settings(
+        models_dir=lesion_models_dir, slide_root=lesion_slide.root, workers=0, executor="ray", batch_size=BATCH_SIZE
+    )
+    local_settings = ray_settings.model_copy(update={"executor": "local"})
+    store = JobStore(ray_settings.database_path)
+    registry = ModelRegistry.load(lesion_models_dir, device="cpu")
+    yield ray_settings, local_settings, store, registry
+    store.close()
+
+
+def submit(store: JobStore, slide: Path, model: str = "lesion_abmil") -> str:
+    return store.create(model=model, slide_path=slide, slide_name=slide.name, source="path").id
+
+
+def ray_pool(store: JobStore, registry: ModelRegistry, settings) -> WorkerPool:
+    pool = WorkerPool(store, registry, settings=settings)
+    pool.executor.start()
+    return pool
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def run_in_thread(pool: WorkerPool, store: JobStore) -> threading.Thread:
+    job = store.claim_next()
+    thread = threading.Thread(target=pool.run_job, args=(job,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_ray_job_stores_what_a_local_job_stores(parts, lesion_slide) -> None:
+    ray_settings, local_settings, store, registry = parts
+    on_ray = submit(store, lesion_slide.path)
+    locally = submit(store, lesion_slide.path)
+    pool = ray_pool(store, registry, ray_settings)
+    try:
+        pool.run_job(store.claim_next())
+    finally:
+        pool.executor.stop()
+    WorkerPool(store, registry, settings=local_settings).run_job(store.claim_next())
+    assert ray_jobs._model_in_this_worker.cache_info().currsize == 0, "the model was loaded in a Ray worker"
+    ray_job, local_job = store.get(on_ray), store.get(locally)
+    assert ray_job.state == local_job.state == "done", (ray_job.error, local_job.error)
+    assert ray_job.progress == 1.0 and ray_job.attempts == 1
+    ray_paths, local_paths = JobPaths(ray_settings.data_dir, on_ray), JobPaths(ray_settings.data_dir, locally)
+    ray_record = json.loads(ray_paths.prediction.read_text())
+    assert ray_record == ray_job.result
+    local_record = json.loads(local_paths.prediction.read_text())
+    assert ray_record["predicted_class"] == local_record["predicted_class"] == "tumor"
+    assert ray_record["probabilities"] == pytest.approx(local_record["probabilities"], abs=1e-6)
+    with np.load(ray_paths.scores) as ray_scores, np.load(local_paths.scores) as local_scores:
+        assert sorted(ray_scores.files) == sorted(local_scores.files)
+        for name in local_scores.files:
+            if local_scores[name].dtype.kind == "f":
+                np.testing.assert_allclose(ray_scores[name], local_scores[name], atol=1e-6, err_msg=name)
+            else:
+                np.testing.assert_array_equal(ray_scores[name], local_scores[name], err_msg=name)
+    assert ray_paths.thumbnail.is_file() and ray_paths.features.is_file()
+    assert not ray_paths.work_dir.exists()
+
+
+def test_cancelling_a_running_ray_job(parts, lesion_slide) -> None:
+    ray_settings, _, store, registry = parts
+    job_id = submit(store, lesion_slide.path)
+    pool = ray_pool(store, registry, ray_settings)
+    try:
+        thread = run_in_thread(pool, store)
+        wait_until(lambda: store.get(job_id).stage == "features")  # progress relayed from the task
+        store.request_cancel(job_id, ttl_seconds=60)
+        thread.join(60)
+    finally:
+        pool.executor.stop()
+    job = store.get(job_id)
+    assert job.state == "cancelled" and job.error == "cancelled while running"
+    assert 0.1 <= job.progress < 0.9
+    assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()
+
+
+def test_stopping_the_service_requeues_a_running_ray_job(parts, lesion_slide) -> None:
+    ray_settings, _, store, registry = parts
+    job_id = submit(store, lesion_slide.path)
+    pool = WorkerPool(store, registry, settings=ray_settings.model_copy(update={"workers": 1}))
+    pool.start()
+    try:
+        wait_until(lambda: store.get(job_id).stage == "features")
+    finally:
+        pool.stop()
+    job = store.get(job_id)
+    assert job.state == "queued" and job.attempts == 1
+    assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()
+
+
+def test_failures_on_ray_carry_the_reason_a_local_run_gives(parts, lesion_slide, tmp_path: Path) -> None:
+    ray_settings, local_settings, store, registry = parts
+    not_a_slide = lesion_slide.root / "notes.tiff"
+    not_a_slide.write_text("not a slide")
+    pool = ray_pool(store, registry, ray_settings)
+    local = WorkerPool(store, registry, settings=local_settings)
+    try:
+        errors = []
+        for runner in (pool, local):
+            job_id = submit(store, not_a_slide)
+            runner.run_job(store.claim_next())
+            job = store.get(job_id)
+            assert job.state == "failed"
+            errors.append(job.error)
+    finally:
+        pool.executor.stop()
+        not_a_slide.unlink()
+    assert errors[0] == errors[1] and "notes.tiff" in errors[0]
+
+
+def test_a_ray_worker_that_dies_fails_the_job(parts, lesion_slide) -> None:
+    ray_settings, _, store, registry = parts
+    job_id = submit(store, lesion_slide.path)
+    pool = ray_pool(store, registry, ray_settings)
+    try:
+        thread = run_in_thread(pool, store)
+        wait_until(lambda: store.get(job_id).stage == "features")
+        [worker] = [
+            p for p in psutil.process_iter(["cmdline"]) if "ray::run_job_task" in " ".join(p.info["cmdline"] or [])
+        ]
+        os.kill(worker.pid, signal.SIGKILL)
+        thread.join(60)
+    finally:
+        pool.executor.stop()
+    job = store.get(job_id)
+    assert job.state == "failed"
+    assert job.error.startswith("the Ray task running the job ended without a result"), job.error
+    assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()
