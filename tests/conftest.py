@@ -72,11 +72,12 @@ def demo_slides(tmp_path_factory: pytest.TempPathFactory) -> list:
 
 @pytest.fixture(scope="session")
 def ray_instance() -> Iterator[None]:
-    """One local Ray instance (2 CPUs) for every test that runs work on Ray: the code under test finds it
-    initialised and leaves it running, so Ray starts once per session (about 5-8 s on 2 cores)."""
+    """One new local Ray instance (2 CPUs) for every test that runs work on Ray: the code under test finds
+    it initialised and leaves it running, so Ray starts once per session (about 5-8 s on 2 cores).
+    "local", not None: never join a cluster someone started on this machine with `ray start`."""
     from wsi_mil.ray_cluster import ray_session
 
-    with ray_session(None, num_cpus=2, object_store_memory=256 << 20):
+    with ray_session("local", num_cpus=2, object_store_memory=256 << 20):
         yield
 
 

@@ -12,8 +12,9 @@ from typing import Any
 
 @contextmanager
 def ray_session(address: str | None, **init_options: Any) -> Iterator[ModuleType]:
-    """Yield the `ray` module connected to `address` (None starts a local instance, "auto" finds the
-    running cluster). A Ray already initialised in this process is used as it is and left running."""
+    """Yield the `ray` module connected to `address` ("auto" or None: the cluster `ray start` runs on
+    this machine, None starting a local Ray when there is none; "local": always a new local Ray).
+    A Ray already initialised in this process is used as it is and left running."""
     # Ray workers use the cluster's own Python environment (wsi-mil installed there); without this,
     # a driver started by `uv run` makes every worker re-create the uv environment (~40 s each).
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 
 from wsi_mil.service import ray_jobs
 from wsi_mil.service.job_files import JobPaths
-from wsi_mil.service.job_store import JobStore
+from wsi_mil.service.job_store import JobRecord, JobStore
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.workers import WorkerPool
 
@@ -58,11 +59,22 @@ def wait_until(condition, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def run_in_thread(pool: WorkerPool, store: JobStore) -> threading.Thread:
-    job = store.claim_next()
-    thread = threading.Thread(target=pool.run_job, args=(job,), daemon=True)
-    thread.start()
-    return thread
+def interrupt_a_running_job(parts, slide: Path, interrupt: Callable[[str], None]) -> JobRecord:
+    """Run a job on Ray in a worker thread, call `interrupt(job_id)` once the task reports feature
+    progress (relayed into the store), and return the job as it ended."""
+    ray_settings, _, store, registry = parts
+    job_id = submit(store, slide)
+    pool = ray_pool(store, registry, ray_settings)
+    try:
+        thread = threading.Thread(target=pool.run_job, args=(store.claim_next(),), daemon=True)
+        thread.start()
+        wait_until(lambda: store.get(job_id).stage == "features")
+        interrupt(job_id)
+        thread.join(60)
+    finally:
+        pool.executor.stop()
+    assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()
+    return store.get(job_id)
 
 
 def test_the_service_runs_slide_jobs_on_ray_with_the_results_of_a_local_run(
@@ -91,20 +103,10 @@ def test_the_service_runs_slide_jobs_on_ray_with_the_results_of_a_local_run(
 
 
 def test_cancelling_a_running_ray_job(parts, lesion_slide) -> None:
-    ray_settings, _, store, registry = parts
-    job_id = submit(store, lesion_slide.path)
-    pool = ray_pool(store, registry, ray_settings)
-    try:
-        thread = run_in_thread(pool, store)
-        wait_until(lambda: store.get(job_id).stage == "features")  # progress relayed from the task
-        store.request_cancel(job_id, ttl_seconds=60)
-        thread.join(60)
-    finally:
-        pool.executor.stop()
-    job = store.get(job_id)
+    store = parts[2]
+    job = interrupt_a_running_job(parts, lesion_slide.path, lambda job_id: store.request_cancel(job_id, ttl_seconds=60))
     assert job.state == "cancelled" and job.error == "cancelled while running"
     assert 0.1 <= job.progress < 1.0
-    assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()
 
 
 def test_stopping_the_service_requeues_a_running_ray_job(parts, lesion_slide) -> None:
@@ -121,9 +123,9 @@ def test_stopping_the_service_requeues_a_running_ray_job(parts, lesion_slide) ->
     assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()
 
 
-def test_failures_on_ray_carry_the_reason_a_local_run_gives(parts, lesion_slide, tmp_path: Path) -> None:
+def test_failures_on_ray_carry_the_reason_a_local_run_gives(parts, tmp_path: Path) -> None:
     ray_settings, local_settings, store, registry = parts
-    not_a_slide = lesion_slide.root / "notes.tiff"
+    not_a_slide = tmp_path / "notes.tiff"
     not_a_slide.write_text("not a slide")
     pool = ray_pool(store, registry, ray_settings)
     local = WorkerPool(store, registry, settings=local_settings)
@@ -137,25 +139,16 @@ def test_failures_on_ray_carry_the_reason_a_local_run_gives(parts, lesion_slide,
             errors.append(job.error)
     finally:
         pool.executor.stop()
-        not_a_slide.unlink()
     assert errors[0] == errors[1] and "notes.tiff" in errors[0]
 
 
 def test_a_ray_worker_that_dies_fails_the_job(parts, lesion_slide) -> None:
-    ray_settings, _, store, registry = parts
-    job_id = submit(store, lesion_slide.path)
-    pool = ray_pool(store, registry, ray_settings)
-    try:
-        thread = run_in_thread(pool, store)
-        wait_until(lambda: store.get(job_id).stage == "features")
+    def kill_the_worker(job_id: str) -> None:
         [worker] = [
             p for p in psutil.process_iter(["cmdline"]) if "ray::run_job_task" in " ".join(p.info["cmdline"] or [])
         ]
         os.kill(worker.pid, signal.SIGKILL)
-        thread.join(60)
-    finally:
-        pool.executor.stop()
-    job = store.get(job_id)
+
+    job = interrupt_a_running_job(parts, lesion_slide.path, kill_the_worker)
     assert job.state == "failed"
     assert job.error.startswith("the Ray task running the job ended without a result"), job.error
-    assert not JobPaths(ray_settings.data_dir, job_id).result_dir.exists()

@@ -42,7 +42,7 @@ def serve(
     ] = None,
     ray_address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster for --executor ray, e.g. auto (WSI_MIL_RAY_ADDRESS; default: a local Ray)"),
+        typer.Option(help="Ray cluster for --executor ray, e.g. auto (WSI_MIL_RAY_ADDRESS; default: this machine's Ray, else a new local one)"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:

@@ -44,7 +44,7 @@ def train(
     drop_missing: Annotated[bool | None, typer.Option("--drop-missing", help="drop labelled slides without features")] = None,
     ignore_unlabelled: Annotated[bool | None, typer.Option("--ignore-unlabelled", help="ignore feature files without a label")] = None,
     executor: Annotated[str, typer.Option(help="local (folds one after another) | ray (folds as Ray tasks at once)")] = "local",
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto (default: start a local one)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto (default: this machine's Ray, else a new local one)")] = None,
     ray_cpus: Annotated[float, typer.Option(help="CPUs per fold task on Ray (its torch threads)")] = 1.0,
     ray_gpus: Annotated[float | None, typer.Option(help="GPUs per fold task on Ray (default: 1 if any, 0 with --device cpu)")] = None,
 ) -> None:

@@ -111,7 +111,8 @@ def run_job_task(
 
 
 class RayExecutor:
-    """Runs each job as a Ray task on the cluster at `settings.ray_address` (a local Ray when None)."""
+    """Runs each job as a Ray task on the cluster at `settings.ray_address` (None: this machine's Ray,
+    else a new local one)."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings

@@ -70,7 +70,7 @@ class ServiceSettings(BaseSettings):
     )
     ray_address: str | None = Field(
         None,
-        description="Ray cluster of slide jobs with executor=ray ('auto': this node's); None starts a local one",
+        description="Ray cluster of slide jobs with executor=ray ('auto': this node's); None: this machine's, else a new local one",
     )
     ray_cpus_per_job: float = Field(1.0, gt=0, description="CPUs a slide job asks Ray for")
     ray_gpus_per_job: float | None = Field(
