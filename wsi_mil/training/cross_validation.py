@@ -208,9 +208,10 @@ def train_cohort(
 
     Re-running on an existing run folder with the same config resumes it: finished folds are
     kept, an unfinished fold continues from its last checkpoint. Returns the `metrics.json` content.
-    With `executor="ray"` the unfinished folds are Ray tasks on the cluster at `ray_address` (None: this
-    machine's Ray, else a new local one), each asking for `ray_cpus_per_fold` CPUs and `ray_gpus_per_fold` GPUs (default:
-    1 when the cluster has GPUs and `config.device` is not cpu); `on_epoch_end` is not called for them.
+    With `executor="ray"` the unfinished folds are Ray tasks on the cluster at `ray_address` (None:
+    this machine's Ray, else a new local one), each asking for `ray_cpus_per_fold` CPUs and
+    `ray_gpus_per_fold` GPUs (default: 1 when the cluster has GPUs and `config.device` is not cpu);
+    `on_epoch_end` is not called for them.
     A fold gives the same model on Ray as here for the same seed (bit-identical with the same number
     of torch threads, which Ray sets to the CPUs a task asks for).
     """
