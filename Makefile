@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test test-slow lint bench-preprocess bench-models bench-service bench-training bench-mil mil-checks uv
+.PHONY: demo test test-slow docker-smoke lint bench-preprocess bench-models bench-service bench-training bench-mil mil-checks uv
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
@@ -20,6 +20,10 @@ test: uv
 
 test-slow: uv
 	$(UV) run --locked --extra dev pytest -q -m slow
+
+# Build docker/Dockerfile (CPU), run it and check it from outside; needs podman or docker.
+docker-smoke: uv
+	bash scripts/docker-smoke.sh
 
 lint: uv
 	$(UV) run --locked --extra dev ruff check wsi_mil tests benchmarks

@@ -70,6 +70,17 @@ def demo_slides(tmp_path_factory: pytest.TempPathFactory) -> list:
     return make_demo_cohort(tmp_path_factory.mktemp("demo_slides"), num_slides=3, size=1280)
 
 
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[None]:
+    """One new local Ray instance (2 CPUs) for every test that runs work on Ray: the code under test finds
+    it initialised and leaves it running, so Ray starts once per session (about 5-8 s on 2 cores).
+    "local", not None: never join a cluster someone started on this machine with `ray start`."""
+    from wsi_mil.ray_cluster import ray_session
+
+    with ray_session("local", num_cpus=2, object_store_memory=256 << 20):
+        yield
+
+
 @contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread inside the block: small models run fastest so, and the cores are shared."""

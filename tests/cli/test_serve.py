@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from wsi_mil.cli.serve import serve_settings
 
@@ -23,6 +24,17 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     settings = serve_settings(models_dir=tmp_path / "flag_models", port=None, workers=2, host=None)
     assert settings.models_dir == tmp_path / "flag_models"
     assert settings.workers == 2 and settings.port == 9001 and settings.host == "127.0.0.1"
+    assert settings.executor == "local" and settings.ray_address is None
+
+
+def test_executor_flags_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSI_MIL_EXECUTOR", "ray")
+    monkeypatch.setenv("WSI_MIL_RAY_ADDRESS", "auto")
+    assert serve_settings().executor == "ray" and serve_settings().ray_address == "auto"
+    assert serve_settings(ray_address="10.0.0.5:6379").ray_address == "10.0.0.5:6379"
+    assert serve_settings(executor="local").executor == "local"
+    with pytest.raises(ValidationError, match="executor"):
+        serve_settings(executor="dask")
 
 
 def test_serve_runs_uvicorn_with_request_ids_in_the_log(tmp_path: Path) -> None:

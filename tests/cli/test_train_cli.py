@@ -43,6 +43,17 @@ def _train(cohort: tuple[Path, Path], out: Path, *extra: str):
     )
 
 
+def test_train_folds_on_ray(cohort, tmp_path, ray_instance):
+    local = _train(cohort, tmp_path / "local")
+    on_ray = _train(cohort, tmp_path / "ray", "--executor", "ray")
+    assert local.exit_code == 0 and on_ray.exit_code == 0, local.output + on_ray.output
+    assert "folds run as Ray tasks" in on_ray.output
+    local_metrics = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "ray" / "metrics.json").read_text()) == local_metrics
+    refused = _train(cohort, tmp_path / "dask", "--executor", "dask")
+    assert refused.exit_code == 2 and "executor must be local or ray" in refused.output
+
+
 def test_train_evaluate_predict(cohort, tmp_path):
     out = tmp_path / "run"
     result = _train(cohort, out, "--method", "aem", "--lr", "0.001", "--batch-size", "2", "--max-instances", "6")

@@ -191,7 +191,7 @@ def test_resume_after_kill_9(demo_slides: list, tmp_path: Path) -> None:
     assert not list(out.rglob("*.tmp-*")) and not list(out.rglob(".*.tmp"))
 
 
-def test_ray_executor_on_a_local_instance(demo_slides: list, tmp_path: Path) -> None:
+def test_ray_executor_on_a_local_instance(demo_slides: list, tmp_path: Path, ray_instance: None) -> None:
     tasks = [SlideTask(demo_slides[0].path, demo_slides[0].slide_id), SlideTask("/no/such/slide.svs", "missing")]
     results = run_batch(tasks, tmp_path / "ray", FAST, executor="ray")
     assert [r.status for r in results] == ["done", "failed"], [r.reason for r in results]

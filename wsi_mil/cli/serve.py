@@ -36,6 +36,14 @@ def serve(
     data_dir: Annotated[
         Path | None, typer.Option(help="job database, uploads and results (WSI_MIL_DATA_DIR)")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(help="where slide jobs run: local (worker threads) | ray (WSI_MIL_EXECUTOR)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster for --executor ray, e.g. auto (WSI_MIL_RAY_ADDRESS; default: this machine's Ray, else a new local one)"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:
     """Serve models over REST: predictions from feature files, slide jobs, heatmaps and a viewer.
@@ -55,13 +63,15 @@ def serve(
             workers=workers,
             slide_root=slide_root,
             data_dir=data_dir,
+            executor=executor,
+            ray_address=ray_address,
         )
     except ValidationError as err:
         console.print(f"[red]invalid setting:[/red] {err}")
         raise typer.Exit(2) from err
     console.print(
         f"serving models from [bold]{settings.models_dir}[/bold] on http://{settings.host}:{settings.port} "
-        f"(docs at /docs, {settings.workers} job worker(s))"
+        f"(docs at /docs, {settings.workers} job worker(s), executor {settings.executor})"
     )
     uvicorn.run(
         create_app(settings),

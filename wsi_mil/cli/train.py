@@ -43,6 +43,10 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
     drop_missing: Annotated[bool | None, typer.Option("--drop-missing", help="drop labelled slides without features")] = None,
     ignore_unlabelled: Annotated[bool | None, typer.Option("--ignore-unlabelled", help="ignore feature files without a label")] = None,
+    executor: Annotated[str, typer.Option(help="local (folds one after another) | ray (folds as Ray tasks at once)")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto (default: this machine's Ray, else a new local one)")] = None,
+    ray_cpus: Annotated[float, typer.Option(help="CPUs per fold task on Ray (its torch threads)")] = 1.0,
+    ray_gpus: Annotated[float | None, typer.Option(help="GPUs per fold task on Ray (default: 1 if any, 0 with --device cpu)")] = None,
 ) -> None:
     """Train cross-validated MIL models on a cohort of feature files into a run folder."""
     from wsi_mil.training import load_config, train_cohort
@@ -70,7 +74,12 @@ def train(
                 if report.stop:
                     progress.update(tasks[report.fold], total=report.epoch, status=status + " (early stop)")
 
-            metrics = train_cohort(settings, out, on_epoch_end=on_epoch_end)
+            if executor == "ray":
+                console.print("folds run as Ray tasks: per-epoch progress is in the run's train.log")
+            metrics = train_cohort(
+                settings, out, on_epoch_end=on_epoch_end, executor=executor,  # type: ignore[arg-type]
+                ray_address=ray_address, ray_cpus_per_fold=ray_cpus, ray_gpus_per_fold=ray_gpus,
+            )
     except WsiMilError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err

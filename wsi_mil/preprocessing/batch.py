@@ -12,7 +12,6 @@ import csv
 import glob
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from wsi_mil.preprocessing.pipeline import (
     preprocess_slide,
 )
 from wsi_mil.preprocessing.qc import save_json_atomic
+from wsi_mil.ray_cluster import gpus_per_task, ray_session
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +274,10 @@ def _run_ray(
     gpus_per_slide: float | None,
     on_result: Callable[[SlideResult], None] | None,
 ) -> list[SlideResult]:
-    # Ray workers use the cluster's own Python environment (wsi-mil installed there); without this,
-    # a driver started by `uv run` makes every worker re-create the uv environment (~40 s each).
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        if gpus_per_slide is None:
-            gpus_per_slide = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        remote = ray.remote(num_gpus=gpus_per_slide, num_cpus=max(1, config.num_workers), max_retries=0)(_pool_worker)
+    with ray_session(address) as ray:
+        remote = ray.remote(
+            num_gpus=gpus_per_task(gpus_per_slide), num_cpus=max(1, config.num_workers), max_retries=0
+        )(_pool_worker)
         refs = {remote.remote(t, str(out), config): t for t in tasks}
         results = []
         remaining = list(refs)
@@ -302,9 +293,6 @@ def _run_ray(
             if on_result:
                 on_result(result)
         return results
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def write_summary(results: Sequence[SlideResult], out: Path) -> Path:

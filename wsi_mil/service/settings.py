@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -64,6 +64,17 @@ class ServiceSettings(BaseSettings):
     )
     purge_interval_s: float = Field(
         300.0, gt=0, description="how often expired jobs are looked for"
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="where slide jobs run: the worker threads (local) or Ray tasks (ray)"
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster of slide jobs with executor=ray ('auto': this node's); None: this machine's, else a new local one",
+    )
+    ray_cpus_per_job: float = Field(1.0, gt=0, description="CPUs a slide job asks Ray for")
+    ray_gpus_per_job: float | None = Field(
+        None, ge=0, description="GPUs a slide job asks Ray for (default: 1 when the cluster has GPUs)"
     )
     openseadragon_dir: Path | None = Field(
         None,

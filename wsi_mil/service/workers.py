@@ -6,6 +6,10 @@ loaded model and encoder; progress and cancellation are plain shared state, and 
 be pickled. The slide's steps (preprocess, predict, tile scores) are `wsi_mil.inference`'s; a job's
 files are `job_files`'. Jobs left `running` by a stopped service are re-queued at start-up, and
 expired jobs are purged with their files.
+
+Where a job's work runs is the executor's choice (`settings.executor`): `LocalExecutor` runs it in the
+worker thread; `wsi_mil.service.ray_jobs.RayExecutor` runs the same `run_slide_job` as a Ray task
+while the thread relays progress and stop requests. Job state stays in this process's store either way.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from wsi_mil.errors import JobCancelledError, WsiMilError
+from wsi_mil.inference.loading import LoadedModel
 from wsi_mil.inference.predict import predict_slide
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder
 from wsi_mil.service.deepzoom import DeepZoomCache
@@ -60,6 +65,130 @@ class EncoderCache:
             return encoder
 
 
+class JobControl(Protocol):
+    """How a running job reports its progress and learns that it must stop, wherever it runs."""
+
+    def report(self, progress: float, stage: str) -> None:
+        """Record the job's progress (0..1) and stage name."""
+
+    def check(self) -> None:
+        """Raise `JobCancelledError` when the job was cancelled or the service is stopping."""
+
+
+class JobExecutor(Protocol):
+    """Runs a claimed job's work (`run_slide_job`) somewhere and returns its result record."""
+
+    def start(self) -> None:
+        """Get ready to run jobs (called by `WorkerPool.start`)."""
+
+    def stop(self) -> None:
+        """Release what `start` took (called by `WorkerPool.stop` after its threads ended)."""
+
+    def run(self, job: JobRecord, paths: JobPaths, model: LoadedModel, control: JobControl) -> dict[str, Any]:
+        """Run the job to its stored results; raise `JobCancelledError` or `WsiMilError` as the work does."""
+
+
+def run_slide_job(
+    job: JobRecord,
+    paths: JobPaths,
+    model: LoadedModel,
+    *,
+    encoders: EncoderCache,
+    control: JobControl,
+    batch_size: int,
+    tile_workers: int,
+) -> dict[str, Any]:
+    """A slide job's work: the model's preprocessing, `predict_slide` and the stored results (under
+    `paths`, renamed into place in one step); returns the job's result record."""
+    config = model.slide_config()
+    shutil.rmtree(paths.work_dir, ignore_errors=True)
+    control.check()
+    control.report(0.02, "loading encoder")
+    encoder = encoders.get(config.encoder, weights=config.weights, device=model.device)
+    control.check()
+    control.report(0.05, "tissue and tiling")
+    last_report = [0.0]
+
+    def on_tiles(done: int, total: int) -> None:
+        control.check()
+        now = time.monotonic()
+        if now - last_report[0] >= 0.5 or done == total:
+            last_report[0] = now
+            share = _PROGRESS_FEATURES_END - _PROGRESS_FEATURES_START
+            control.report(_PROGRESS_FEATURES_START + share * done / total, "features")
+
+    try:
+        result = predict_slide(
+            job.slide_path,
+            model,
+            encoder=encoder,
+            out_dir=paths.work_dir,
+            slide_id=Path(job.slide_name).stem or "slide",
+            mpp_override=job.mpp_override,
+            batch_size=batch_size,
+            num_workers=tile_workers,
+            on_tiles=on_tiles,
+        )
+    except WsiMilError:
+        control.check()  # a job stopped inside preprocessing reports the stop
+        raise
+    control.check()
+    control.report(0.96, "saving results")
+    return save_job_results(paths, job, result)
+
+
+class LocalExecutor:
+    """Runs jobs in the calling worker thread, sharing one encoder cache between the threads."""
+
+    def __init__(self, settings: ServiceSettings, encoders: EncoderCache) -> None:
+        self.settings = settings
+        self.encoders = encoders
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def run(self, job: JobRecord, paths: JobPaths, model: LoadedModel, control: JobControl) -> dict[str, Any]:
+        """Run the job here."""
+        return run_slide_job(
+            job,
+            paths,
+            model,
+            encoders=self.encoders,
+            control=control,
+            batch_size=self.settings.batch_size,
+            tile_workers=self.settings.tile_workers,
+        )
+
+
+def executor_for(settings: ServiceSettings, encoders: EncoderCache) -> JobExecutor:
+    """The executor `settings.executor` names (Ray is imported only when it is chosen)."""
+    if settings.executor == "ray":
+        from wsi_mil.service.ray_jobs import RayExecutor
+
+        return RayExecutor(settings)
+    return LocalExecutor(settings, encoders)
+
+
+class _PoolControl:
+    """A job's progress goes to the store; it stops when cancelled, deleted or the pool stops."""
+
+    def __init__(self, pool: WorkerPool, job_id: str) -> None:
+        self.pool = pool
+        self.job_id = job_id
+
+    def report(self, progress: float, stage: str) -> None:
+        self.pool.store.update_progress(self.job_id, progress, stage=stage)
+
+    def check(self) -> None:
+        if self.pool.stopping:
+            raise JobCancelledError("the service is shutting down")
+        if self.pool.store.is_cancel_requested(self.job_id):
+            raise JobCancelledError("the job was cancelled")
+
+
 class WorkerPool:
     """`settings.workers` threads that take queued jobs from the store and run them.
 
@@ -75,12 +204,14 @@ class WorkerPool:
         settings: ServiceSettings,
         deepzoom: DeepZoomCache | None = None,
         encoders: EncoderCache | None = None,
+        executor: JobExecutor | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
         self.deepzoom = deepzoom
         self.encoders = encoders or EncoderCache()
+        self.executor = executor or executor_for(settings, self.encoders)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -88,7 +219,8 @@ class WorkerPool:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Re-queue orphaned jobs, purge expired ones, start the worker and purge threads."""
+        """Re-queue orphaned jobs, purge expired ones, start the executor, the worker and purge threads."""
+        self.executor.start()
         requeued = self.store.requeue_running()
         if requeued:
             log.info("re-queued %d job(s) left running by a previous service process", requeued)
@@ -111,10 +243,16 @@ class WorkerPool:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
+        self.executor.stop()
 
     def wake(self) -> None:
         """Tell idle workers a job was queued."""
         self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called: running jobs stop at their next check."""
+        return self._stopping.is_set()
 
     @property
     def alive_workers(self) -> int:
@@ -208,48 +346,6 @@ class WorkerPool:
         self.store.finish(job.id, "cancelled", ttl_seconds=ttl, error="cancelled while running")
         log.info("job %s: cancelled", job.id)
 
-    def _check_continue(self, job_id: str) -> None:
-        if self._stopping.is_set():
-            raise JobCancelledError("the service is shutting down")
-        if self.store.is_cancel_requested(job_id):
-            raise JobCancelledError("the job was cancelled")
-
     def _process(self, job: JobRecord, paths: JobPaths) -> dict[str, Any]:
         model = self.registry.get(job.model)
-        config = model.slide_config()
-        shutil.rmtree(paths.work_dir, ignore_errors=True)
-        self._check_continue(job.id)
-        self.store.update_progress(job.id, 0.02, stage="loading encoder")
-        encoder = self.encoders.get(config.encoder, weights=config.weights, device=model.device)
-        self._check_continue(job.id)
-        self.store.update_progress(job.id, 0.05, stage="tissue and tiling")
-        last_report = [0.0]
-
-        def on_tiles(done: int, total: int) -> None:
-            self._check_continue(job.id)
-            now = time.monotonic()
-            if now - last_report[0] >= 0.5 or done == total:
-                last_report[0] = now
-                share = _PROGRESS_FEATURES_END - _PROGRESS_FEATURES_START
-                self.store.update_progress(
-                    job.id, _PROGRESS_FEATURES_START + share * done / total, stage="features"
-                )
-
-        try:
-            result = predict_slide(
-                job.slide_path,
-                model,
-                encoder=encoder,
-                out_dir=paths.work_dir,
-                slide_id=Path(job.slide_name).stem or "slide",
-                mpp_override=job.mpp_override,
-                batch_size=self.settings.batch_size,
-                num_workers=self.settings.tile_workers,
-                on_tiles=on_tiles,
-            )
-        except WsiMilError:
-            self._check_continue(job.id)  # a job stopped inside preprocessing reports the stop
-            raise
-        self._check_continue(job.id)
-        self.store.update_progress(job.id, 0.96, stage="saving results")
-        return save_job_results(paths, job, result)
+        return self.executor.run(job, paths, model, _PoolControl(self, job.id))
