@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,17 +13,10 @@ from rich.table import Table
 
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
-from wsi_mil.preprocessing.batch import (
-    SlideTask,
-    find_slides,
-    parse_shard,
-    read_manifest,
-    run_batch,
-    select_shard,
-)
-from wsi_mil.preprocessing.pipeline import PreprocessConfig, SlideResult
-from wsi_mil.preprocessing.tiling import TilingParams
-from wsi_mil.preprocessing.tissue import TissueParams
+
+if TYPE_CHECKING:  # the preprocessing package imports torch and timm: loaded when a command runs
+    from wsi_mil.preprocessing.batch import SlideTask
+    from wsi_mil.preprocessing.pipeline import PreprocessConfig, SlideResult
 
 STATUS_STYLE = {"done": "green", "skipped": "cyan", "no_tissue": "yellow", "failed": "red"}
 
@@ -56,6 +49,11 @@ def preprocess(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
 ) -> None:
     """Tissue → tiles at a physical size → features, one HDF5 file per slide in OUT/features/."""
+    from wsi_mil.preprocessing.batch import parse_shard, select_shard
+    from wsi_mil.preprocessing.pipeline import PreprocessConfig
+    from wsi_mil.preprocessing.tiling import TilingParams
+    from wsi_mil.preprocessing.tissue import TissueParams
+
     try:
         config = PreprocessConfig(
             tissue=TissueParams(mode=tissue_mode, remove_ink=ink),
@@ -88,6 +86,8 @@ def preprocess(
 
 
 def _collect_tasks(inputs: list[str], manifest: Path | None) -> list[SlideTask]:
+    from wsi_mil.preprocessing.batch import find_slides, read_manifest
+
     tasks = read_manifest(manifest) if manifest else []
     if inputs:
         known = {t.slide_id for t in tasks}
@@ -106,6 +106,8 @@ def _run_with_progress(
     ray_address: str | None,
     ray_gpus: float | None,
 ) -> list[SlideResult]:
+    from wsi_mil.preprocessing.batch import run_batch
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         overall = progress.add_task("slides", total=len(tasks))
