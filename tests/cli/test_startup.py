@@ -1,12 +1,17 @@
-"""`wsi-mil --help` starts at once: printing help imports none of the heavy libraries."""
+"""Start-up: `wsi-mil --help` imports none of the heavy libraries; encoder commands restart once
+with the fast allocator (opt-out: WSI_MIL_ALLOCATOR=system)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from wsi_mil.allocator import ALLOCATOR_ENV, REEXEC_MARKER_ENV, jemalloc_library
 
 #: libraries that cost seconds to import and are only needed when a command runs
 HEAVY_MODULES = ("torch", "torchvision", "timm", "ray", "fastapi", "uvicorn", "h5py", "openslide", "sklearn")
@@ -38,3 +43,23 @@ def test_help_imports_no_heavy_library(args: list[str]) -> None:
     *help_lines, imported = completed.stdout.strip().splitlines()
     assert "Usage" in "\n".join(help_lines)
     assert json.loads(imported) == [], f"`wsi-mil {' '.join(args)}` imported {imported}"
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "jemalloc"), ("system", "glibc")])
+def test_preprocess_restarts_with_the_allocator_unless_opted_out(
+    slides_dir: Path, tmp_path: Path, setting: str | None, expected: str
+) -> None:
+    if setting is None and jemalloc_library() is None:
+        pytest.skip("no libjemalloc.so in the ray package here")
+    env = {k: v for k, v in os.environ.items() if k not in (ALLOCATOR_ENV, REEXEC_MARKER_ENV, "LD_PRELOAD", "GLIBC_TUNABLES")}
+    if setting is not None:
+        env[ALLOCATOR_ENV] = setting
+    slide = slides_dir / "tissue" / "CMU-1-Small-Region.svs"
+    subprocess.run(
+        [sys.executable, "-m", "wsi_mil.cli", "preprocess", str(slide), "--out", str(tmp_path), "--encoder", "test-encoder",
+         "--weights", "random", "--compile", "off"],
+        env=env, capture_output=True, text=True, timeout=600, check=True,
+    )
+    runtime = json.loads((tmp_path / "run_config.json").read_text())["runtime"]
+    assert runtime["allocator"] == expected
+    assert json.loads((tmp_path / "status" / "CMU-1-Small-Region.json").read_text())["status"] == "done"

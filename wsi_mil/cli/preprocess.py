@@ -43,8 +43,10 @@ def preprocess(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     ray_gpus: Annotated[float | None, typer.Option(help="GPUs per slide task on Ray (default: 1 if any)")] = None,
     batch_size: Annotated[int, typer.Option(help="tiles per encoder batch")] = 64,
-    workers: Annotated[int, typer.Option(help="tile-decoding workers per slide")] = 2,
+    workers: Annotated[int | None, typer.Option(help="tile-decoding workers per slide (default: chosen for the CPUs)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per slide on CPU (default: the usable cores / --jobs)")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    compile_model: Annotated[str, typer.Option("--compile", help="torch.compile the encoder: auto (where it pays off) | on | off")] = "auto",
     dtype: Annotated[str, typer.Option(help="stored feature dtype: float16 | float32")] = "float16",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
 ) -> None:
@@ -67,6 +69,8 @@ def preprocess(
             max_unreadable_fraction=max_unreadable,
             batch_size=batch_size,
             num_workers=workers,
+            num_threads=threads,
+            compile=compile_model,
             device=device,
         )
         tasks = _collect_tasks(inputs or [], manifest)
