@@ -43,10 +43,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
-#: torch.compile pays off for resnet50-trunc on CPU from about this many tiles: compiling costs ~10 CPU-s
-#: with a warm kernel cache and ~35 with a cold one, and saves 10-20 % of ~0.035 CPU-s per tile on top
-#: of jemalloc (docs/benchmarks.md), so 2,000-7,000 tiles break even
-CPU_COMPILE_MIN_TILES_RESNET50 = 5000
+#: torch.compile pays off for resnet50-trunc on CPU from about this many tiles: compiling takes ~30-45 s
+#: with a cold kernel cache (less when warm) and saves up to ~20 % of the forward on top of jemalloc
+#: (docs/benchmarks.md), so even a first, cold run breaks even here
+CPU_COMPILE_MIN_TILES_RESNET50 = 10_000
 #: where torch.compile keeps its compiled kernels between runs (unless TORCHINDUCTOR_CACHE_DIR is set)
 INDUCTOR_CACHE_SUBDIR = Path("wsi-mil") / "inductor"
 
