@@ -12,7 +12,8 @@ keeps freed memory (`ALLOCATOR_ENV`, default `auto`):
 `auto` is jemalloc where its library is found, else tuned glibc. Child processes (DataLoader
 workers, forked or spawned, and pool processes) inherit the environment and so the allocator.
 Code that runs without the command line (`preprocess_slide` from Python) gets the tuned-glibc
-settings in process through mallopt (`tune_this_process`), which measured as fast.
+settings in process through mallopt (`tune_this_process`): as few CPU-seconds per tile as jemalloc
+in the measurements, with a less steady peak RSS (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 ALLOCATOR_ENV = "WSI_MIL_ALLOCATOR"
 #: set in the re-executed process, so it never re-executes twice
 REEXEC_MARKER_ENV = "WSI_MIL_ALLOCATOR_ACTIVE"
 AllocatorMode = Literal["auto", "jemalloc", "glibc", "system"]
-ALLOCATOR_MODES: tuple[str, ...] = ("auto", "jemalloc", "glibc", "system")
+ALLOCATOR_MODES: tuple[str, ...] = get_args(AllocatorMode)
 
 #: jemalloc keeps dirty and muzzy pages forever (decay -1): freed buffers are reused, never unmapped
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -66,9 +67,7 @@ def allocator_environment(mode: AllocatorMode, environ: Mapping[str, str] | None
     env = environ if environ is not None else os.environ
     resolved = resolve_mode(mode)
     if resolved == "jemalloc":
-        library = jemalloc_library()
-        assert library is not None
-        preload = " ".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
+        preload = " ".join(p for p in (str(jemalloc_library()), env.get("LD_PRELOAD", "")) if p)
         conf = ",".join(c for c in (JEMALLOC_CONF, env.get("MALLOC_CONF", "")) if c)
         return {"LD_PRELOAD": preload, "MALLOC_CONF": conf}
     if resolved == "glibc":

@@ -63,3 +63,18 @@ def test_preprocess_restarts_with_the_allocator_unless_opted_out(
     runtime = json.loads((tmp_path / "run_config.json").read_text())["runtime"]
     assert runtime["allocator"] == expected
     assert json.loads((tmp_path / "status" / "CMU-1-Small-Region.json").read_text())["status"] == "done"
+
+
+def test_a_local_preprocess_run_imports_neither_ray_nor_the_service(slides_dir: Path, tmp_path: Path) -> None:
+    slide = slides_dir / "tissue" / "CMU-1-Small-Region.svs"
+    args = ["preprocess", str(slide), "--out", str(tmp_path), "--encoder", "test-encoder", "--weights", "random",
+            "--compile", "off"]
+    env = {**os.environ, ALLOCATOR_ENV: "system"}  # no restart, so the probe sees this process's modules
+    completed = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(args), json.dumps(HEAVY_MODULES)],
+        capture_output=True, text=True, timeout=600, check=True, env=env,
+    )
+    imported = set(json.loads(completed.stdout.strip().splitlines()[-1]))
+    assert {"torch", "timm", "h5py"} <= imported, "the probe should have run the command"
+    assert not imported & {"ray", "fastapi", "uvicorn"}
+    assert json.loads((tmp_path / "status" / "CMU-1-Small-Region.json").read_text())["status"] == "done"
