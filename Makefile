@@ -29,7 +29,10 @@ lint: uv
 	$(UV) run --locked --extra dev ruff check wsi_mil tests benchmarks
 
 bench-preprocess: uv
-	$(UV) run --locked python benchmarks/bench_preprocess.py
+	uptime
+	$(UV) run --locked python benchmarks/bench_preprocess.py --workers-sweep 256 --rss
+	$(UV) run --locked python benchmarks/bench_allocators.py
+	uptime
 
 bench-models: uv
 	$(UV) run --locked python benchmarks/bench_models.py

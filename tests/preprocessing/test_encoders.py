@@ -282,3 +282,68 @@ def test_resolve_precision() -> None:
     assert resolve_precision("fp16", cfg, torch.device("cpu")) == "fp16"
     with pytest.raises(WsiMilError, match="--precision"):
         resolve_precision("int8", cfg, torch.device("cpu"))
+
+
+def _real_tiles(slides_dir: Path, cfg: encoders.EncoderCfg, count: int) -> torch.Tensor:
+    """`count` decoded, resized tissue tiles of CMU-1-Small-Region as uint8 `[count, 3, S, S]`."""
+    from wsi_mil.preprocessing.slide import open_slide
+    from wsi_mil.preprocessing.tiling import TilingParams, read_tile, tile_grid
+    from wsi_mil.preprocessing.tissue import TissueParams, segment_tissue
+
+    with open_slide(slides_dir / "tissue" / "CMU-1-Small-Region.svs") as slide:
+        grid = tile_grid(slide, segment_tissue(slide, TissueParams()), TilingParams())
+        return torch.stack([preprocess_tile(read_tile(slide, grid, i), cfg) for i in range(count)])
+
+
+def _compiled_against_fp32(name: str, slides_dir: Path, *, batch: int, count: int) -> tuple[np.ndarray, encoders.Encoder]:
+    encoder = load_encoder(name, weights="random", device="cpu")
+    tiles = _real_tiles(slides_dir, encoder.cfg, count)
+    fp32 = encoder.embed(tiles, precision="fp32").numpy()
+    seconds = encoder.compile(batch_size=batch, precision="bf16")
+    assert seconds is not None and encoder.compiled is not None
+    compiled = torch.cat([encoder.embed(tiles[i : i + batch], precision="bf16") for i in range(0, count, batch)])
+    cos = torch.nn.functional.cosine_similarity(compiled, torch.from_numpy(fp32)).numpy()
+    return cos, encoder
+
+
+@pytest.mark.slow
+def test_compiled_encoder_stays_within_the_bf16_tolerance_of_fp32(slides_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The criterion bf16 itself meets (cosine 0.999 to fp32), on real tiles, with a padded last batch.
+    Slow (a cold compile: 40 s to minutes on 2 cores): `pytest -m slow tests/preprocessing/test_encoders.py -k compiled`."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    cos, encoder = _compiled_against_fp32("test-encoder", slides_dir, batch=4, count=6)
+    assert cos.min() > 0.999
+    assert encoder.compiled_batch == 4 and encoder.compiled_precision == "bf16"
+    assert any((tmp_path / "inductor").iterdir()), "compiled kernels should be cached in TORCHINDUCTOR_CACHE_DIR"
+
+
+@pytest.mark.slow
+def test_compiled_resnet50_trunc_stays_within_the_bf16_tolerance_of_fp32(slides_dir: Path) -> None:
+    """`pytest -m slow tests/preprocessing/test_encoders.py -k compiled_resnet` (compiles for minutes on 2 cores)."""
+    cos, _ = _compiled_against_fp32("resnet50-trunc", slides_dir, batch=8, count=12)
+    assert cos.min() > 0.999
+
+
+def test_failed_compile_warns_and_keeps_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    encoder = load_encoder("test-encoder", weights="random", device="cpu")
+    tiles = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="running eager"):
+        assert encoder.compile(batch_size=3) is None
+    assert encoder.compiled is None
+    assert encoder.embed(tiles).shape == (3, 32)
+
+
+def test_auto_compiles_only_where_measured_to_pay_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    resnet = load_encoder("resnet50-trunc", weights="random", device="cpu")
+    threshold = resnet.cfg.cpu_compile_min_tiles
+    assert threshold is not None
+    assert resnet.should_compile(threshold) and not resnet.should_compile(threshold - 1)
+    assert resnet.should_compile(1, "on") and not resnet.should_compile(10**6, "off")
+    assert not load_encoder("test-encoder", weights="random", device="cpu").should_compile(10**6)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert not resnet.should_compile(threshold), "no C++ compiler: torch.compile cannot build kernels"

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder, preprocess_tile
-from wsi_mil.preprocessing.extract import TileDataset, extract_features, measure_forward_throughput
+from wsi_mil.preprocessing.extract import (
+    CpuPlan,
+    TileDataset,
+    _cgroup_cpu_quota,
+    extract_features,
+    measure_forward_throughput,
+    plan_cpu_use,
+    usable_cpus,
+)
 from wsi_mil.preprocessing.feature_file import (
     FeatureFileWriter,
     FeatureProvenance,
@@ -209,3 +217,40 @@ def test_stream_into_a_feature_file(
 def test_measure_forward_throughput_is_positive(test_encoder: Encoder) -> None:
     rate = measure_forward_throughput(test_encoder, batch_size=4, n_batches=2, precision="fp32")
     assert 0 < rate < float("inf")
+
+
+@pytest.mark.parametrize(
+    ("device", "cpus", "slides", "expected"),
+    [
+        ("cpu", 2, 1, CpuPlan(threads=2, workers=1)),  # the 2-core machine: one worker decodes ahead
+        ("cpu", 16, 1, CpuPlan(threads=16, workers=2)),
+        ("cpu", 64, 1, CpuPlan(threads=64, workers=8)),
+        ("cpu", 16, 4, CpuPlan(threads=4, workers=1)),  # --jobs 4 shares the cores
+        ("cpu", 2, 4, CpuPlan(threads=1, workers=1)),
+        ("cuda", 16, 1, CpuPlan(threads=1, workers=8)),  # the GPU runs the model, the cores decode
+        ("cuda", 2, 1, CpuPlan(threads=1, workers=1)),
+    ],
+)
+def test_cpu_plan_follows_the_cores(device: str, cpus: int, slides: int, expected: CpuPlan) -> None:
+    assert plan_cpu_use(device, cpus=cpus, slides_at_once=slides) == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota_v2_and_v1(tmp_path: Path, files: dict[str, str], expected: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_usable_cpus_is_within_the_affinity_mask() -> None:
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

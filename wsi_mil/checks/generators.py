@@ -26,15 +26,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from wsi_mil.checks.names import CHECK_NAMES, FALSE_FREQUENCY, SINGLE_CONCEPT, THRESHOLD_POISONED
 from wsi_mil.errors import MilCheckError
 
 Split = Literal["train", "test"]
-
-SINGLE_CONCEPT = "single-concept"
-THRESHOLD_POISONED = "threshold-poisoned"
-FALSE_FREQUENCY = "false-frequency"
-#: the test names in their canonical order
-CHECK_NAMES: tuple[str, ...] = (SINGLE_CONCEPT, THRESHOLD_POISONED, FALSE_FREQUENCY)
 
 DEFAULT_DIM = 8
 DEFAULT_NUM_BAGS = 500

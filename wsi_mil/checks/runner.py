@@ -48,6 +48,7 @@ from wsi_mil.checks.generators import (
     make_bags,
     resolve_check_names,
 )
+from wsi_mil.checks.names import DEFAULT_EPOCHS
 from wsi_mil.errors import MilCheckError
 from wsi_mil.models.base import MILOutput
 from wsi_mil.models.layers import pad_sequences
@@ -64,7 +65,6 @@ FIT_TRAIN_AUC = 0.70
 INVERSION_CONTROL_AUC = 0.55
 COMPACT_WIDTH = 64
 COMPACT_LANDMARKS = 16
-DEFAULT_EPOCHS = 40
 EVAL_BATCH_SIZE = 256
 #: the columns of a report's table
 COLUMNS = (
@@ -99,12 +99,6 @@ class CheckSettings:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-
-
-#: the budget of `--fast`: half the epochs and 3 seeds. Fewer bags than 500 let the reference
-#: models over-fit the background of tests 2-3 (test AUC ≈ 0.5-0.7 on some seeds at 200 bags).
-FAST_EPOCHS = 20
-FAST_SEEDS = 3
 
 
 @dataclass(frozen=True)

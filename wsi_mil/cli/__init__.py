@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+
 from wsi_mil.cli._app import app, console
+
+#: commands that run a patch encoder: they restart once with the allocator of `wsi_mil.allocator`
+ENCODER_COMMANDS = frozenset({"preprocess", "predict", "demo"})
 
 
 def main() -> None:
     """Console-script entry point."""
+    if runs_an_encoder(sys.argv[1:]):
+        from wsi_mil.allocator import reexec_with_allocator
+
+        reexec_with_allocator()
     _register_commands()
     app()
+
+
+def runs_an_encoder(args: Sequence[str]) -> bool:
+    """Whether the command line runs a patch encoder (not just its help)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    return command in ENCODER_COMMANDS and "--help" not in args
 
 
 def _register_commands() -> None:

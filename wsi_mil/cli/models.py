@@ -9,11 +9,9 @@ import typer
 from rich.table import Table
 
 from wsi_mil.atomic import write_text_atomic
-from wsi_mil.checks.generators import CHECK_NAMES
-from wsi_mil.checks.runner import DEFAULT_EPOCHS, FAST_EPOCHS, FAST_SEEDS, run_mil_check
+from wsi_mil.checks.names import CHECK_NAMES, DEFAULT_EPOCHS, FAST_EPOCHS, FAST_SEEDS
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
-from wsi_mil.models.registry import list_models, model_entry
 
 
 def _format_defaults(defaults: dict[str, object]) -> str:
@@ -25,6 +23,8 @@ def list_models_command(
     pattern: Annotated[str, typer.Argument(help="fnmatch pattern over model names")] = "*",
 ) -> None:
     """List the registered MIL models: name, family module, summary and default options."""
+    from wsi_mil.models.registry import list_models, model_entry
+
     table = Table(title="Registered MIL models")
     for column in ("name", "family", "summary", "defaults"):
         table.add_column(column, overflow="fold")
@@ -48,6 +48,8 @@ def check_mil(
     fast: Annotated[bool, typer.Option("--fast", help=f"{FAST_SEEDS} seeds and {FAST_EPOCHS} epochs unless given")] = False,
 ) -> None:
     """Train MODEL on the algorithmic MIL unit tests (Raff & Holt 2023) and print the verdicts."""
+    from wsi_mil.checks.runner import run_mil_check
+
     seed_count = seeds if seeds is not None else (FAST_SEEDS if fast else 5)
     epoch_count = epochs if epochs is not None else (FAST_EPOCHS if fast else DEFAULT_EPOCHS)
     try:

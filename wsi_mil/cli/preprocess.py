@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,17 +13,10 @@ from rich.table import Table
 
 from wsi_mil.cli._app import app, console
 from wsi_mil.errors import WsiMilError
-from wsi_mil.preprocessing.batch import (
-    SlideTask,
-    find_slides,
-    parse_shard,
-    read_manifest,
-    run_batch,
-    select_shard,
-)
-from wsi_mil.preprocessing.pipeline import PreprocessConfig, SlideResult
-from wsi_mil.preprocessing.tiling import TilingParams
-from wsi_mil.preprocessing.tissue import TissueParams
+
+if TYPE_CHECKING:  # the preprocessing package imports torch and timm: loaded when a command runs
+    from wsi_mil.preprocessing.batch import SlideTask
+    from wsi_mil.preprocessing.pipeline import PreprocessConfig, SlideResult
 
 STATUS_STYLE = {"done": "green", "skipped": "cyan", "no_tissue": "yellow", "failed": "red"}
 
@@ -50,12 +43,19 @@ def preprocess(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     ray_gpus: Annotated[float | None, typer.Option(help="GPUs per slide task on Ray (default: 1 if any)")] = None,
     batch_size: Annotated[int, typer.Option(help="tiles per encoder batch")] = 64,
-    workers: Annotated[int, typer.Option(help="tile-decoding workers per slide")] = 2,
+    workers: Annotated[int | None, typer.Option(help="tile-decoding workers per slide (default: chosen for the CPUs)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per slide on CPU (default: the usable cores / --jobs)")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    compile_model: Annotated[str, typer.Option("--compile", help="torch.compile the encoder: auto (where it pays off) | on | off")] = "auto",
     dtype: Annotated[str, typer.Option(help="stored feature dtype: float16 | float32")] = "float16",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
 ) -> None:
     """Tissue → tiles at a physical size → features, one HDF5 file per slide in OUT/features/."""
+    from wsi_mil.preprocessing.batch import parse_shard, select_shard
+    from wsi_mil.preprocessing.pipeline import PreprocessConfig
+    from wsi_mil.preprocessing.tiling import TilingParams
+    from wsi_mil.preprocessing.tissue import TissueParams
+
     try:
         config = PreprocessConfig(
             tissue=TissueParams(mode=tissue_mode, remove_ink=ink),
@@ -69,6 +69,8 @@ def preprocess(
             max_unreadable_fraction=max_unreadable,
             batch_size=batch_size,
             num_workers=workers,
+            num_threads=threads,
+            compile=compile_model,
             device=device,
         )
         tasks = _collect_tasks(inputs or [], manifest)
@@ -88,6 +90,8 @@ def preprocess(
 
 
 def _collect_tasks(inputs: list[str], manifest: Path | None) -> list[SlideTask]:
+    from wsi_mil.preprocessing.batch import find_slides, read_manifest
+
     tasks = read_manifest(manifest) if manifest else []
     if inputs:
         known = {t.slide_id for t in tasks}
@@ -106,6 +110,8 @@ def _run_with_progress(
     ray_address: str | None,
     ray_gpus: float | None,
 ) -> list[SlideResult]:
+    from wsi_mil.preprocessing.batch import run_batch
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         overall = progress.add_task("slides", total=len(tasks))

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from wsi_mil.cli._app import app, console
 
@@ -51,6 +50,7 @@ def serve(
     The API key, upload limit, CORS origins and the rest come from WSI_MIL_* variables (docs/service.md).
     """
     import uvicorn
+    from pydantic import ValidationError
 
     from wsi_mil.service import create_app
     from wsi_mil.service.observability import uvicorn_log_config

@@ -19,9 +19,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
+from wsi_mil.allocator import active_allocator
 from wsi_mil.atomic import atomic_open
 from wsi_mil.errors import FeatureFileError, WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder
+from wsi_mil.preprocessing.extract import usable_cpus
 from wsi_mil.preprocessing.feature_file import read_feature_meta
 from wsi_mil.preprocessing.pipeline import (
     OutputPaths,
@@ -29,6 +31,7 @@ from wsi_mil.preprocessing.pipeline import (
     SlideResult,
     one_line_reason,
     preprocess_slide,
+    with_cpu_plan,
 )
 from wsi_mil.preprocessing.qc import save_json_atomic
 from wsi_mil.ray_cluster import gpus_per_task, ray_session
@@ -177,13 +180,13 @@ def run_batch(
 ) -> list[SlideResult]:
     """Process every task not already done; returns one result per task (skipped ones included).
 
-    `jobs` slides run at once locally (each with `config.num_workers` tile-decoding workers).
+    `jobs` slides run at once locally, sharing the cores (`with_cpu_plan` unless the config sets
+    `num_threads` and `num_workers`).
     With `executor="ray"`, slides become Ray tasks on the cluster at `ray_address` (None starts a
     local instance); each asks for `ray_gpus_per_slide` GPUs (default: 1 when the cluster has GPUs).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_json_atomic({"config": config.model_dump(mode="json"), "slides": len(tasks)}, out / "run_config.json")
     results: list[SlideResult] = []
     pending: list[SlideTask] = []
     for task in tasks:
@@ -198,6 +201,11 @@ def run_batch(
     if pending:
         # fail fast, before any slide, when the encoder cannot be loaded (e.g. weights missing)
         encoder = load_encoder(config.encoder, weights=config.weights, device=config.device)
+        parallel = jobs if executor == "local" and jobs > 1 and len(pending) > 1 else 1
+        config = with_cpu_plan(config, encoder.device.type, slides_at_once=min(parallel, len(pending)))
+    runtime = {"allocator": active_allocator(), "usable_cpus": usable_cpus()}
+    save_json_atomic({"config": config.model_dump(mode="json"), "slides": len(tasks), "runtime": runtime},
+                     out / "run_config.json")
     if executor == "ray":
         new = _run_ray(pending, out, config, ray_address, ray_gpus_per_slide, on_result)
     elif jobs > 1 and len(pending) > 1:
@@ -276,7 +284,7 @@ def _run_ray(
 ) -> list[SlideResult]:
     with ray_session(address) as ray:
         remote = ray.remote(
-            num_gpus=gpus_per_task(gpus_per_slide), num_cpus=max(1, config.num_workers), max_retries=0
+            num_gpus=gpus_per_task(gpus_per_slide), num_cpus=max(1, config.num_workers or 1), max_retries=0
         )(_pool_worker)
         refs = {remote.remote(t, str(out), config): t for t in tasks}
         results = []

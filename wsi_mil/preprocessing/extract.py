@@ -6,20 +6,75 @@ write them straight to disk and memory stays bounded whatever the number of tile
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from wsi_mil.allocator import tune_this_process, tune_worker
 from wsi_mil.errors import SlideOpenError
-from wsi_mil.preprocessing.encoders import Encoder, EncoderCfg, preprocess_tile, resolve_precision
+from wsi_mil.preprocessing.encoders import Encoder, EncoderCfg, preprocess_tile
 from wsi_mil.preprocessing.slide import SlideReader
 from wsi_mil.preprocessing.tiling import TileGrid, read_tile
+
+#: one tile-decoding worker per this many CPU cores when the model runs on the CPU: reading, decoding
+#: and resizing a tile costs about 1/20 of ResNet-50-trunc's bf16 forward (docs/benchmarks.md)
+CPU_CORES_PER_DECODING_WORKER = 8
+#: at most this many decoding workers per slide when the model runs on a GPU
+MAX_GPU_DECODING_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 (`cpu.max`) or v1
+    (`cpu.cfs_quota_us`) CPU quota rounded up, as containers and Slurm jobs set them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """How one slide's feature extraction uses the cores: intra-op torch threads, decoding workers."""
+
+    threads: int
+    workers: int
+
+
+def plan_cpu_use(device_type: str, *, slides_at_once: int = 1, cpus: int | None = None) -> CpuPlan:
+    """Threads and decoding workers for one slide when `slides_at_once` slides share `cpus` cores.
+
+    On the CPU the model takes every core of its share and one decoding worker per
+    `CPU_CORES_PER_DECODING_WORKER` cores (at least one) decodes ahead of it: two workers and two
+    threads on two cores left the stage at 0.75-0.79 of the forward-only rate. On a GPU the cores
+    decode (share - 1 workers, at most `MAX_GPU_DECODING_WORKERS`) and the host keeps one thread.
+    """
+    share = max(1, (cpus if cpus is not None else usable_cpus()) // max(1, slides_at_once))
+    if device_type == "cuda":
+        return CpuPlan(threads=1, workers=max(1, min(MAX_GPU_DECODING_WORKERS, share - 1)))
+    return CpuPlan(threads=share, workers=max(1, round(share / CPU_CORES_PER_DECODING_WORKER)))
 
 
 class TileDataset(Dataset[tuple[torch.Tensor, str]]):
@@ -74,7 +129,7 @@ def extract_features(
     encoder: Encoder,
     *,
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     precision: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
     multiprocessing_context: str | None = None,
@@ -86,14 +141,19 @@ def extract_features(
     on CPU (see `resolve_precision`). `on_batch(done, total)` is called after every batch.
     A tile that cannot be read (damaged data) raises `SlideOpenError` with its one-line reason, or,
     with `on_unreadable`, is reported as `on_unreadable(row, reason)` and its row holds the features
-    of a blank tile. Results do not depend on `num_workers`.
+    of a blank tile. Results do not depend on `num_workers` (None: `plan_cpu_use`'s choice).
+    A process still on glibc's default malloc is tuned first (`wsi_mil.allocator`), and so are
+    the workers.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total = len(grid.coords)
     if total == 0:
         return
+    tune_this_process()
     dataset = TileDataset(slide, grid, encoder.cfg)
+    if num_workers is None:
+        num_workers = plan_cpu_use(encoder.device.type).workers
     use_workers = num_workers > 0
     loader = DataLoader(
         dataset,
@@ -104,6 +164,7 @@ def extract_features(
         persistent_workers=False,
         prefetch_factor=2 if use_workers else None,
         multiprocessing_context=multiprocessing_context if use_workers else None,
+        worker_init_fn=tune_worker if use_workers else None,
     )
     done = 0
     for images, errors in loader:  # uint8 [b, 3, S, S], b reasons ("" when read)
@@ -127,23 +188,20 @@ def measure_forward_throughput(
     precision: str = "auto",
     warmup_batches: int = 1,
 ) -> float:
-    """Tiles per second of the encoder's forward pass alone (normalised random input already on
-    the device; no decoding, no transfer), after `warmup_batches` untimed batches."""
-    resolved = resolve_precision(precision, encoder.cfg, encoder.device)
+    """Tiles per second of the encoder step alone: `encoder.embed` (normalisation and forward,
+    compiled where the encoder was compiled) on random uint8 tiles already decoded and resized,
+    after `warmup_batches` untimed batches; no reading, no decoding, no workers."""
     generator = torch.Generator().manual_seed(0)
     side = encoder.cfg.img_size
-    x = torch.randn(batch_size, 3, side, side, generator=generator).to(encoder.device)
-    if encoder.cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    tiles = torch.randint(0, 256, (batch_size, 3, side, side), generator=generator, dtype=torch.uint8)
     on_cuda = encoder.device.type == "cuda"
-    with torch.inference_mode(), encoder.autocast(resolved):
-        for _ in range(warmup_batches):
-            encoder.model(x)
-        if on_cuda:
-            torch.cuda.synchronize(encoder.device)
-        start = time.perf_counter()
-        for _ in range(n_batches):
-            encoder.model(x)
-        if on_cuda:
-            torch.cuda.synchronize(encoder.device)
+    for _ in range(warmup_batches):
+        encoder.embed(tiles, precision=precision)
+    if on_cuda:
+        torch.cuda.synchronize(encoder.device)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        encoder.embed(tiles, precision=precision)
+    if on_cuda:
+        torch.cuda.synchronize(encoder.device)
     return batch_size * n_batches / (time.perf_counter() - start)

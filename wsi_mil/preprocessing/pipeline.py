@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from wsi_mil import __version__
 from wsi_mil.errors import SlideOpenError, WsiMilError
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder, resolve_precision
-from wsi_mil.preprocessing.extract import extract_features
+from wsi_mil.preprocessing.extract import extract_features, plan_cpu_use
 from wsi_mil.preprocessing.feature_file import FeatureFileWriter, FeatureProvenance
 from wsi_mil.preprocessing.qc import (
     background_warning,
@@ -64,7 +64,11 @@ class PreprocessConfig(BaseModel):
     )
     # runtime only: not part of the parameter hash
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int | None = Field(default=None, ge=0, description="tile-decoding workers (None: plan_cpu_use)")
+    num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (None: plan_cpu_use)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the encoder: auto where measured to pay off for the slide's tiles"
+    )
     device: str | None = None
     qc_max_size: int = 1024
 
@@ -266,6 +270,13 @@ def _run_slide(
             return
         if encoder is None:
             encoder = load_encoder(config.encoder, weights=config.weights, device=config.device)
+        config = with_cpu_plan(config, encoder.device.type)
+        if encoder.device.type == "cpu" and config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        if encoder.should_compile(len(grid), config.compile):
+            seconds = encoder.compile(batch_size=config.batch_size, precision=config.precision)
+            if seconds is not None:
+                result.timings["compile_s"] = round(seconds, 3)
         clock = time.perf_counter()
         provenance = _provenance(slide, grid, mask, encoder, config, result.params_hash, result.slide_id)
         with FeatureFileWriter(
@@ -298,6 +309,18 @@ def _run_slide(
             result.warnings.append(unreadable.warning())
         result.timings["features_s"] = round(time.perf_counter() - clock, 3)
         result.status, result.feature_path = "done", str(paths.features)
+
+
+def with_cpu_plan(config: PreprocessConfig, device_type: str, *, slides_at_once: int = 1) -> PreprocessConfig:
+    """`config` with the threads and decoding workers it leaves open (None) chosen for this machine
+    by `plan_cpu_use`, for `slides_at_once` slides sharing its cores."""
+    if config.num_threads is not None and config.num_workers is not None:
+        return config
+    plan = plan_cpu_use(device_type, slides_at_once=slides_at_once)
+    return config.model_copy(update={
+        "num_threads": config.num_threads if config.num_threads is not None else plan.threads,
+        "num_workers": config.num_workers if config.num_workers is not None else plan.workers,
+    })
 
 
 def _check_quality(slide: SlideReader, mask: TissueMask, grid: TileGrid, result: SlideResult) -> None:
