@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:  # the settings stay importable without torch and h5py
+    from wsi_mil.preprocessing.feature_file import FeatureLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: where `npm ci` at the repository root puts OpenSeadragon's browser build
@@ -37,6 +40,15 @@ class ServiceSettings(BaseSettings):
     )
     max_upload_mb: float = Field(
         4096.0, gt=0, description="largest accepted upload (slide or feature file)"
+    )
+    max_feature_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="most memory an uploaded feature file may declare (features as float32, "
+        "coords, per-tile data); checked before it is read",
+    )
+    max_tiles: int = Field(
+        1_000_000, ge=1, description="most tiles an uploaded feature file may declare"
     )
     workers: int = Field(
         1, ge=0, description="slide-job worker threads; 0 accepts jobs without running them"
@@ -84,6 +96,18 @@ class ServiceSettings(BaseSettings):
     def max_upload_bytes(self) -> int:
         """The upload limit in bytes."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def feature_limits(self) -> FeatureLimits:
+        """What an uploaded feature file may declare (checked before any of its data is read)."""
+        from wsi_mil.preprocessing.feature_file import FeatureLimits
+
+        return FeatureLimits(
+            max_tiles=self.max_tiles,
+            max_bytes=int(self.max_feature_mb * 2**20),
+            tiles_setting="WSI_MIL_MAX_TILES",
+            bytes_setting="WSI_MIL_MAX_FEATURE_MB",
+        )
 
     @property
     def database_path(self) -> Path:
