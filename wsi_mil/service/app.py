@@ -43,6 +43,7 @@ from wsi_mil.service.observability import (
     install_log_record_factory,
     request_id_var,
 )
+from wsi_mil.service.render_cache import RenderCache
 from wsi_mil.service.routes import health, heatmaps, jobs, models, predictions, viewer
 from wsi_mil.service.settings import ServiceSettings
 from wsi_mil.service.workers import WorkerPool
@@ -143,6 +144,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             deepzoom,
             pool,
         )
+        app.state.heatmap_cache = RenderCache(int(settings.heatmap_cache_mb * 2**20))
         pool.start()
         log.info(
             "wsi-mil service ready: %d model(s), %d job worker(s)", len(registry), settings.workers

@@ -71,6 +71,15 @@ class ServiceSettings(BaseSettings):
     top_k: int = Field(
         8, ge=1, le=256, description="default number of top-attention tiles returned"
     )
+    heatmap_max_size: int = Field(
+        2048, ge=64, le=8192, description="longest side a heatmap PNG is drawn at (larger requests get this)"
+    )
+    heatmap_max_smooth: float = Field(
+        10.0, ge=0, description="largest heatmap smoothing sigma in tiles (larger requests get this)"
+    )
+    heatmap_cache_mb: float = Field(
+        64.0, ge=0, description="memory for rendered heatmap PNGs, reused for repeated requests"
+    )
     deepzoom_cache_size: int = Field(
         8, ge=1, description="slides whose DeepZoom generators stay open"
     )
