@@ -15,7 +15,6 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from wsi_mil.service.job_store import JobRecord, JobStore
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
 from wsi_mil.service.settings import ServiceSettings
+from wsi_mil.service.uploads import slide_id_for
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class WorkerPool:
                 model,
                 encoder=encoder,
                 out_dir=paths.work_dir,
-                slide_id=Path(job.slide_name).stem or "slide",
+                slide_id=slide_id_for(job.slide_name),
                 mpp_override=job.mpp_override,
                 batch_size=self.settings.batch_size,
                 num_workers=self.settings.tile_workers,

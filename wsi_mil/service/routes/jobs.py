@@ -18,7 +18,7 @@ from wsi_mil.service.job_store import JobRecord, JobState, JobStore, new_job_id
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
 from wsi_mil.service.schemas import ErrorPublic, JobCreate, JobPublic, JobResultPublic, JobsPublic
-from wsi_mil.service.uploads import receive_form, resolve_slide_path
+from wsi_mil.service.uploads import printable_name, receive_form, resolve_slide_path
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -246,7 +246,7 @@ async def create_job(
             job_id=job_id,
             model=model,
             slide_path=slide_path,
-            slide_name=slide_name[:512],
+            slide_name=printable_name(slide_name),
             source=source,
             mpp_override=mpp,
             request_id=request_id_var.get(),
