@@ -27,6 +27,7 @@ from wsi_mil.service.job_files import JobPaths, save_job_results
 from wsi_mil.service.job_store import JobRecord, JobStore
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
+from wsi_mil.service.redaction import redact_paths
 from wsi_mil.service.settings import ServiceSettings
 from wsi_mil.service.uploads import slide_id_for
 
@@ -177,7 +178,9 @@ class WorkerPool:
             return
         except WsiMilError as err:
             shutil.rmtree(paths.work_dir, ignore_errors=True)
-            self.store.finish(job.id, "failed", ttl_seconds=ttl, error=str(err))
+            self.store.finish(
+                job.id, "failed", ttl_seconds=ttl, error=redact_paths(str(err), self.settings)
+            )
             log.info("job %s: failed: %s", job.id, err)
             return
         except Exception:
