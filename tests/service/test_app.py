@@ -229,3 +229,13 @@ def test_redact_paths_names_the_setting_instead_of_the_folder(make_settings, tmp
         "<models_dir>/m/model_card.json; …/libopenslide.so.1 failed; ~/.cache/w.bin; "
         "POST /v1/jobs/abc/cancel first; 0.5 µm/px"
     )
+
+
+def test_the_host_header_is_never_reflected(keyed: TestClient) -> None:
+    """No redirect (or anything else) builds a URL from the client's `Host` header."""
+    for path in ("/v1/jobs/", "/healthz/", "/v1/models/", "/docs/"):
+        response = keyed.get(
+            path, headers={"Host": "evil.example", "X-API-Key": KEY}, follow_redirects=False
+        )
+        assert response.status_code != 307, (path, response.headers)
+        assert "evil.example" not in str(response.headers) + response.text, path

@@ -167,6 +167,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         openapi_tags=TAGS,
         generate_unique_id_function=operation_id,
+        # a slash redirect would build its URL from the client's Host header; paths are exact
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics

@@ -53,6 +53,12 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(
         1, ge=0, description="slide-job worker threads; 0 accepts jobs without running them"
     )
+    max_job_attempts: int = Field(
+        3,
+        ge=1,
+        description="a job left running by a stopped service is started again until it has been "
+        "started this many times, then it fails",
+    )
     result_ttl_hours: float = Field(
         72.0, gt=0, description="finished jobs and their files are purged after this"
     )

@@ -89,7 +89,18 @@ class WorkerPool:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Re-queue orphaned jobs, purge expired ones, start the worker and purge threads."""
+        """Fail orphaned jobs past the attempt cap, re-queue the others, purge expired ones, start
+        the worker and purge threads."""
+        failed = self.store.fail_running(
+            max_attempts=self.settings.max_job_attempts,
+            ttl_seconds=self.settings.result_ttl_hours * 3600,
+        )
+        if failed:
+            log.warning(
+                "%d job(s) were running each of the last %d times the service stopped; failed, not re-queued",
+                failed,
+                self.settings.max_job_attempts,
+            )
         requeued = self.store.requeue_running()
         if requeued:
             log.info("re-queued %d job(s) left running by a previous service process", requeued)
