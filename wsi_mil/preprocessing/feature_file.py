@@ -70,33 +70,24 @@ def _not_text(value: Any) -> Any:
     return value
 
 
-_POSITIVE_INT = TypeAdapter(Annotated[int, BeforeValidator(_not_text), Field(gt=0)])
-_LEVEL = TypeAdapter(Annotated[int, BeforeValidator(_not_text), Field(ge=0)])
-_POSITIVE_NUMBER = TypeAdapter(
-    Annotated[float, BeforeValidator(_not_text), Field(gt=0, allow_inf_nan=False)]
-)
-_DOWNSAMPLE = TypeAdapter(
-    Annotated[float, BeforeValidator(_not_text), Field(gt=0, allow_inf_nan=False)]
-    | Annotated[
-        list[Annotated[float, BeforeValidator(_not_text), Field(gt=0, allow_inf_nan=False)]],
-        Field(min_length=1),
-    ]
+_PositiveNumber = Annotated[float, BeforeValidator(_not_text), Field(gt=0, allow_inf_nan=False)]
+_POSITIVE_INT = (TypeAdapter(Annotated[int, BeforeValidator(_not_text), Field(gt=0)]), "a positive integer")
+_LEVEL = (TypeAdapter(Annotated[int, BeforeValidator(_not_text), Field(ge=0)]), "a non-negative integer")
+_POSITIVE_NUMBER = (TypeAdapter(_PositiveNumber), "a positive number")
+_DOWNSAMPLE = (
+    TypeAdapter(_PositiveNumber | Annotated[list[_PositiveNumber], Field(min_length=1)]),
+    "a positive number or a list of them",
 )
 #: attributes the reader and the feature contract compute with: their type, and how it is said
 _TYPED_ATTRIBUTES: dict[str, tuple[TypeAdapter[Any], str]] = {
-    "feature_dim": (_POSITIVE_INT, "a positive integer"),
-    "tile_size_level0": (_POSITIVE_INT, "a positive integer"),
-    "patch_size_level0": (_POSITIVE_INT, "a positive integer"),
-    "patch_size": (_POSITIVE_INT, "a positive integer"),
-    "patch_level": (_LEVEL, "a non-negative integer"),
-    "tile_px": (_POSITIVE_INT, "a positive integer"),
-    "tile_size_px": (_POSITIVE_INT, "a positive integer"),
-    "slide_width": (_POSITIVE_INT, "a positive integer"),
-    "slide_height": (_POSITIVE_INT, "a positive integer"),
-    "target_mpp": (_POSITIVE_NUMBER, "a positive number"),
-    "mpp": (_POSITIVE_NUMBER, "a positive number"),
-    "tile_size_um": (_POSITIVE_NUMBER, "a positive number"),
-    "downsample": (_DOWNSAMPLE, "a positive number or a list of them"),
+    **dict.fromkeys(
+        ("feature_dim", "tile_size_level0", "patch_size_level0", "patch_size", "tile_px",
+         "tile_size_px", "slide_width", "slide_height"),
+        _POSITIVE_INT,
+    ),
+    "patch_level": _LEVEL,
+    **dict.fromkeys(("target_mpp", "mpp", "tile_size_um"), _POSITIVE_NUMBER),
+    "downsample": _DOWNSAMPLE,
 }
 
 
