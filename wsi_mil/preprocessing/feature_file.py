@@ -40,7 +40,7 @@ SourceFormat = Literal["wsi_mil", "clam", "trident", "stamp", "pt"]
 PT_SUFFIXES = (".pt", ".pth")
 MIN_CHUNK_ROWS = 64
 TARGET_CHUNK_BYTES = 2 << 20
-_ERRORS_OF_BROKEN_HDF5 = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+_ERRORS_OF_BROKEN_HDF5 = (OSError, KeyError, RuntimeError, ValueError)
 _RESERVED_DATASETS = frozenset({"features", "coords"})
 #: the most values one attribute may hold (CLAM's and our attributes hold a handful)
 MAX_ATTRIBUTE_VALUES = 65_536
