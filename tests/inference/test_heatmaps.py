@@ -21,6 +21,7 @@ from wsi_mil.inference.heatmaps import (
     scale_scores,
     score_grid,
     smooth_grid,
+    smooth_tile_values,
     top_tiles,
 )
 
@@ -84,6 +85,34 @@ def test_smoothing_keeps_background_empty() -> None:
     assert np.isnan(smooth[:5]).all() and np.isnan(smooth[:, :5]).all()
     assert 0 < smooth[9, 9] < 1 and smooth[5, 5] > smooth[14, 14]
     assert smooth_grid(grid, 0) is grid
+
+
+def test_smoothing_runs_on_the_tile_grid_and_keeps_its_size_bounded() -> None:
+    """A hot tile spreads to its neighbours by distance in tiles; the grid smoothed on has one cell
+    per tile (however large the canvas), and tiles strewn over a huge area still fit in a bounded grid."""
+    side = 128
+    xs, ys = np.meshgrid(np.arange(9), np.arange(9))
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1) * side + 5000
+    values = np.zeros(81)
+    values[40] = 1.0  # the centre tile (4, 4)
+    tiles = scores(
+        coords=coords,
+        tile_size_level0=side,
+        attention=values,
+        maps={},
+        slide_width=20000,
+        slide_height=20000,
+    )
+    smoothed = smooth_tile_values(tiles, values, 1.0)
+    distance = np.hypot(xs.ravel() - 4, ys.ravel() - 4)
+    order = np.argsort(distance, kind="stable")
+    assert smoothed[40] < 1 and smoothed[40] == smoothed.max()
+    assert np.all(np.diff(smoothed[order][distance[order] <= 3]) <= 1e-12)  # falls off with distance
+    assert smoothed[0] < 1e-3 and smoothed.sum() == pytest.approx(1.0, rel=0.05)
+    assert smooth_tile_values(tiles, values, 0.0) is values
+    strewn = scores(coords=np.array([[0, 0], [10**12, 0], [0, 10**12], [10**12, 10**12]]))
+    spread = smooth_tile_values(strewn, np.array([1.0, 2.0, 3.0, 4.0]), 10.0)
+    assert spread.shape == (4,) and np.isfinite(spread).all()
 
 
 def test_colours_and_transparency() -> None:

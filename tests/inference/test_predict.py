@@ -9,6 +9,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -124,3 +125,17 @@ def test_the_docs_python_example_predicts_a_demo_slide_and_saves_its_heatmap(
     assert printed.getvalue().split()[0] in ("normal", "tumor")
     image = Image.open(heatmap)
     assert image.format == "PNG" and image.size == (2048, 2048)  # the whole (square) slide at the default size
+
+
+def test_files_reaching_other_files_and_empty_bags_are_refused_for_the_cli_too(
+    lesion_model, lesion_features: Path, tmp_path: Path
+) -> None:
+    linked = tmp_path / "linked.h5"
+    with h5py.File(linked, "w") as handle:
+        handle["features"] = h5py.ExternalLink(str(lesion_features), "features")
+    with pytest.raises(FeatureFileError, match=r"`features` is an external link"):
+        read_features(linked, lesion_model)
+    empty = tmp_path / "empty.pt"
+    torch.save({"features": torch.zeros(0, 32)}, empty)
+    with pytest.raises(FeatureFileError, match=r"empty\.pt holds no tiles"):
+        predict_features(empty, lesion_model)

@@ -17,6 +17,7 @@ import torch
 from wsi_mil.errors import FeatureFileError
 from wsi_mil.preprocessing.feature_file import (
     FeatureFileWriter,
+    FeatureLimits,
     FeatureProvenance,
     chunk_rows,
     read_feature_file,
@@ -583,3 +584,28 @@ def test_streaming_200k_rows_keeps_memory_bounded(tmp_path: Path) -> None:
     growth_mib = (peak - rss_before) / 2**20
     assert growth_mib < 64, f"RSS grew by {growth_mib:.0f} MiB while streaming 400 MB"
     assert read_feature_meta(tmp_path / "big.h5")["num_tiles"] == n
+
+
+def test_limits_refuse_a_file_before_its_data_is_read(tmp_path: Path) -> None:
+    features, coords = make_bag(n=1000)
+    h5_path = write_feature_file(tmp_path / "bag.h5", features, coords, make_provenance())
+    with pytest.raises(FeatureFileError, match=r"1,000 tiles, more than the limit of 999 \(FeatureLimits.max_tiles\)"):
+        read_feature_file(h5_path, limits=FeatureLimits(max_tiles=999))
+    with pytest.raises(FeatureFileError, match=r"more than the limit of 0 MiB \(FeatureLimits.max_bytes\)"):
+        read_feature_file(h5_path, limits=FeatureLimits(max_bytes=1000))
+    pt_path = tmp_path / "bag.pt"
+    torch.save({"features": torch.from_numpy(features)}, pt_path)
+    with pytest.raises(FeatureFileError, match=r"bag.pt: the archive unpacks to"):
+        read_feature_file(pt_path, limits=FeatureLimits(max_bytes=1000))
+    assert read_feature_file(pt_path).num_tiles == 1000
+
+
+def test_mistyped_attributes_are_named_not_parsed(tmp_path: Path) -> None:
+    features, coords = make_bag()
+    path = write_feature_file(tmp_path / "typed.h5", features, coords, make_provenance())
+    _edit(path, lambda h: h.attrs.update({"tile_size_level0": "507", "target_mpp": True}))
+    problems = validate_feature_file(path)
+    assert problems == [
+        "typed.h5: attribute `tile_size_level0` must be a positive integer, got '507'",
+        "typed.h5: attribute `target_mpp` must be a positive number, got True",
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from wsi_mil.service import create_app
 from wsi_mil.service.deps import get_registry
+from wsi_mil.service.redaction import redact_paths
 
 KEY = "s3cret-key"
 
@@ -172,3 +174,68 @@ def test_importing_the_service_loads_no_training_module_nor_sklearn_nor_matplotl
         [sys.executable, "-c", "import sys, wsi_mil.service.app; print(sorted(sys.modules))"],
         capture_output=True, text=True, check=True,
     ).stdout
+
+
+def test_no_server_path_in_any_response(
+    make_settings, model_folder, lesion_slide, tmp_path: Path, job_waiter
+) -> None:
+    """Job errors, the 409 of a failed job's outputs and the 410s of a slide gone from the disk
+    (Deep Zoom, top tiles) say what went wrong without the server's folders."""
+    model_folder(tmp_path / "models" / "random_abmil")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("lesion.tiff", "gone.tiff"):
+        shutil.copy(lesion_slide.path, slides / name)
+    with TestClient(create_app(make_settings(workers=0))) as submit_only:
+        failing = submit_only.post(
+            "/v1/jobs", json={"model": "random_abmil", "slide_path": "gone.tiff"}
+        ).json()["id"]
+    (slides / "gone.tiff").unlink()
+    responses = []
+    with TestClient(create_app(make_settings())) as client:
+        done = client.post("/v1/jobs", json={"model": "random_abmil", "slide_path": "lesion.tiff"})
+        with lesion_slide.path.open("rb") as handle:
+            uploaded = client.post(
+                "/v1/jobs", data={"model": "random_abmil"}, files={"file": ("up.tiff", handle)}
+            )
+        jobs = [job_waiter(client, job_id) for job_id in (failing, done.json()["id"], uploaded.json()["id"])]
+        assert [job["state"] for job in jobs] == ["failed", "done", "done"], jobs
+        (slides / "lesion.tiff").unlink()
+        for upload in (tmp_path / "data" / "uploads").rglob("*.tiff"):
+            upload.unlink()
+        responses.append(client.get(f"/v1/jobs/{failing}"))
+        responses.append(client.get(f"/v1/jobs/{failing}/heatmap.png"))
+        for job in jobs[1:]:
+            responses.append(client.get(f"/v1/jobs/{job['id']}/dzi.dzi"))
+            responses.append(client.get(f"/v1/jobs/{job['id']}/dzi_files/0/0_0.jpeg"))
+            responses.append(client.get(f"/v1/jobs/{job['id']}/top-tiles/1.png"))
+        responses.append(client.get("/v1/jobs"))
+    assert [r.status_code for r in responses] == [200, 409] + [410, 410, 410] * 2 + [200]
+    assert "not found" in responses[0].json()["error"]
+    for response in responses:
+        for folder in {str(tmp_path), str(tmp_path.resolve())}:
+            assert folder not in response.text, (response.url, response.text)
+
+
+def test_redact_paths_names_the_setting_instead_of_the_folder(make_settings, tmp_path: Path) -> None:
+    settings = make_settings()
+    text = (
+        f"{tmp_path / 'slides' / 'a.svs'}: cannot open; [Errno 2] '{tmp_path / 'data' / 'x.h5'}'; "
+        f"model card {tmp_path / 'models' / 'm' / 'model_card.json'}; /usr/lib/libopenslide.so.1 "
+        f"failed; {Path.home() / '.cache' / 'w.bin'}; POST /v1/jobs/abc/cancel first; 0.5 µm/px"
+    )
+    assert redact_paths(text, settings) == (
+        "<slide_root>/a.svs: cannot open; [Errno 2] '<data_dir>/x.h5'; model card "
+        "<models_dir>/m/model_card.json; …/libopenslide.so.1 failed; ~/.cache/w.bin; "
+        "POST /v1/jobs/abc/cancel first; 0.5 µm/px"
+    )
+
+
+def test_the_host_header_is_never_reflected(keyed: TestClient) -> None:
+    """No redirect (or anything else) builds a URL from the client's `Host` header."""
+    for path in ("/v1/jobs/", "/healthz/", "/v1/models/", "/docs/"):
+        response = keyed.get(
+            path, headers={"Host": "evil.example", "X-API-Key": KEY}, follow_redirects=False
+        )
+        assert response.status_code != 307, (path, response.headers)
+        assert "evil.example" not in str(response.headers) + response.text, path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -49,3 +50,18 @@ def test_cache_is_bounded_and_reuses_generators(slides_dir: Path) -> None:
     assert cache.get(paths[0]) is not first  # evicted, reopened
     cache.forget(paths[0])
     assert len(cache) == 1
+
+
+def test_dicom_tiles_come_through_the_colour_corrected_reader(slides_dir: Path) -> None:
+    """The DICOM series of CMU-1-Small-Region labels YCbCr frames RGB; its Deep Zoom tiles must
+    show the SVS's colours (the reader's correction), not OpenSlide's salmon glass and teal tissue."""
+    svs = open_deepzoom(slides_dir / "tissue" / "CMU-1-Small-Region.svs")
+    dicom = open_deepzoom(slides_dir / "tissue" / "dicom-cmu-1-small-region" / "level-0-frames-0-30.dcm")
+    assert dicom.dzi_xml() == svs.dzi_xml() and dicom.bounds == svs.bounds
+    top = svs.generator.level_count - 1
+    for address in ((2, 3), (0, 0), (8, 11)):  # tissue, glass, the padded bottom-right corner
+        wanted = np.asarray(Image.open(io.BytesIO(svs.tile_jpeg(top, address))), dtype=float)
+        got = np.asarray(Image.open(io.BytesIO(dicom.tile_jpeg(top, address))), dtype=float)
+        assert got.shape == wanted.shape
+        assert np.abs(got - wanted).mean() < 10, address
+        np.testing.assert_allclose(got.mean(axis=(0, 1)), wanted.mean(axis=(0, 1)), atol=4)

@@ -69,5 +69,5 @@ def test_bad_folders_are_reported_not_fatal(model_folder, tmp_path: Path) -> Non
     assert "no_such_model" in registry.problems["unknown_arch"]
     assert (
         "WSI_MIL_MODELS_DIR"
-        in ModelRegistry.load(tmp_path / "absent").problems[str(tmp_path / "absent")]
+        in ModelRegistry.load(tmp_path / "absent").problems["models_dir"]
     )

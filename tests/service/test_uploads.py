@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wsi_mil.errors import SlidePathError
-from wsi_mil.service.uploads import resolve_slide_path, safe_filename
+from wsi_mil.service.uploads import printable_name, resolve_slide_path, safe_filename, slide_id_for
 
 
 def test_safe_filename() -> None:
@@ -17,6 +17,17 @@ def test_safe_filename() -> None:
     assert safe_filename("...") == "upload" and safe_filename("") == "upload"
     long = safe_filename("x" * 300 + ".ome.tiff")
     assert len(long) == 128 and long.endswith(".ome.tiff")
+
+
+def test_client_names_become_printable_names_and_safe_slide_ids() -> None:
+    assert printable_name("a\x00b\nc\u202e.svs") == "a?b?c?.svs"
+    assert printable_name("Gewebe 腫瘍.svs") == "Gewebe 腫瘍.svs"
+    assert len(printable_name("x" * 300)) == 256
+    assert slide_id_for("cohort/tumor_001.svs") == "tumor_001"
+    assert slide_id_for("Gewebe-Éé 腫瘍.tiff") == "Gewebe-Ee_"
+    assert slide_id_for("a\x00b\n.tiff") == "a_b_"
+    assert slide_id_for("腫瘍.svs") == "slide" and slide_id_for("...") == "slide"
+    assert slide_id_for("n" * 300 + ".tiff") == "n" * 128
 
 
 def test_resolve_slide_path(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def test_failures_carry_the_reason(pool_parts) -> None:
     pool = WorkerPool(store, registry, settings=settings)
     no_weights = submit(store, slide, model="missing_weights")
     pool.run_job(store.claim_next())
-    assert "nonexistent" in store.get(no_weights).error
+    error = store.get(no_weights).error  # the file is named, its server folder is not
+    assert "encoder.safetensors does not exist" in error and "/nonexistent" not in error
     gone = submit(store, slide, model="removed_model")
     pool.run_job(store.claim_next())
     assert "no model named 'removed_model'" in store.get(gone).error
@@ -120,3 +121,24 @@ def test_a_slide_job_predicts_what_predict_slide_and_the_cli_predict(
     np.testing.assert_allclose(job_scores["scores"]["attention"], from_python.prediction.attention, atol=1e-6)
     np.testing.assert_allclose(from_cli["tile_scores"]["attention"], from_python.prediction.attention, atol=1e-6)
     assert job_scores["x"] == from_python.coords[:, 0].tolist() == [c[0] for c in from_cli["coords"]]
+
+
+def test_a_job_running_at_every_crash_fails_after_the_attempt_cap(pool_parts) -> None:
+    """A job left running by a dead process is re-queued until it has been started
+    `max_job_attempts` times; then it fails with the reason instead of taking every start down."""
+    settings, store, registry, slide = pool_parts
+    crashing, unlucky = submit(store, slide), submit(store, slide)
+    store.claim_next(), store.claim_next()  # crashing: 1, unlucky: 1
+    store.requeue_running()  # the process died; the next start re-queues both
+    store.claim_next()  # crashing: 2
+    store.requeue_running()  # died again
+    store.claim_next(), store.claim_next()  # crashing: 3, unlucky: 2; the process dies a third time
+    pool = WorkerPool(store, registry, settings=settings.model_copy(update={"max_job_attempts": 3}))
+    pool.start()
+    try:
+        failed, requeued = store.get(crashing), store.get(unlucky)
+    finally:
+        pool.stop()
+    assert failed.state == "failed" and failed.attempts == 3 and failed.expires is not None
+    assert "3 times" in failed.error
+    assert requeued.state == "queued" and requeued.attempts == 2

@@ -34,6 +34,8 @@ SCALES: tuple[str, ...] = ("relative", "percentile", "minmax", "raw")
 #: the `relative` scale's top: tiles scoring this many times the slide's mean (or more) get full colour
 RELATIVE_MAX = 16.0
 ATTENTION = "attention"
+#: the most cells tiles are smoothed on; tiles spread wider share coarser cells
+MAX_SMOOTHING_CELLS = 1 << 20
 #: maps whose rows are classes when their row count equals the number of classes (first found wins)
 PER_CLASS_MAPS = ("class_attention", "branch_attention", "tile_probability")
 _GEOJSON_NAMESPACE = uuid.UUID("6f0d2c1e-6a43-4c1f-9a39-1d7f1f2b0d55")
@@ -213,6 +215,30 @@ def score_grid(scores: TileScores, values: np.ndarray, *, size: tuple[int, int])
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def smooth_tile_values(scores: TileScores, values: np.ndarray, sigma_tiles: float) -> np.ndarray:
+    """Per-tile `values [N]` smoothed by a NaN-aware Gaussian of `sigma_tiles` on the tile grid.
+
+    Tiles go into cells one tile wide (tiles sharing a cell are averaged), so the work grows with
+    the number of tiles, never with the size of the picture; tiles strewn over more than
+    `MAX_SMOOTHING_CELLS` cells share coarser cells (and sigma shrinks with them).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if sigma_tiles <= 0 or values.size == 0:
+        return values
+    cells = (scores.coords - scores.coords.min(axis=0)) // scores.tile_size_level0
+    spread = cells.max(axis=0) + 1
+    coarsen = max(1, math.ceil(math.sqrt(int(spread[0]) * int(spread[1]) / MAX_SMOOTHING_CELLS)))
+    cells //= coarsen
+    columns, rows = (int(n) + 1 for n in cells.max(axis=0))
+    total = np.zeros((rows, columns))
+    count = np.zeros((rows, columns))
+    np.add.at(total, (cells[:, 1], cells[:, 0]), values)
+    np.add.at(count, (cells[:, 1], cells[:, 0]), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        grid = np.where(count > 0, total / count, np.nan)
+    return smooth_grid(grid, sigma_tiles / coarsen)[cells[:, 1], cells[:, 0]]
+
+
 def smooth_grid(grid: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian smoothing that ignores NaN (normalised convolution) and keeps NaN where it was."""
     if sigma_px <= 0:
@@ -324,11 +350,9 @@ def render_heatmap(
     Colour is drawn only on tissue when `tissue_mask` (any size, covering the whole slide) is given.
     """
     values, _ = scores.select(options.map_name, options.class_index)
-    scaled = scale_scores(values, options.scale)
+    scaled = smooth_tile_values(scores, scale_scores(values, options.scale), options.smooth_tiles)
     size = canvas_size(scores.slide_width, scores.slide_height, max_size=options.max_size)
     grid = score_grid(scores, scaled, size=size)
-    tile_px_on_canvas = scores.tile_size_level0 * size[0] / scores.slide_width
-    grid = smooth_grid(grid, options.smooth_tiles * tile_px_on_canvas)
     if tissue_mask is not None:
         mask = np.asarray(tissue_mask.convert("L").resize(size, Image.Resampling.NEAREST)) > 0
         grid = np.where(mask, grid, np.nan)

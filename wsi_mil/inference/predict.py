@@ -30,7 +30,7 @@ from wsi_mil.inference.heatmaps import (
 )
 from wsi_mil.inference.loading import LoadedModel
 from wsi_mil.preprocessing.encoders import Encoder, load_encoder
-from wsi_mil.preprocessing.feature_file import FeatureBag, read_feature_file
+from wsi_mil.preprocessing.feature_file import FeatureBag, FeatureLimits, read_feature_file
 from wsi_mil.preprocessing.pipeline import OutputPaths, SlideResult, preprocess_slide
 from wsi_mil.preprocessing.slide import open_slide
 
@@ -120,15 +120,24 @@ def predict_bag(model: LoadedModel, features: np.ndarray | torch.Tensor) -> BagP
     )
 
 
-def read_features(path: str | Path, model: LoadedModel, *, source: str | None = None) -> FeatureBag:
-    """Read a feature file for `model`: `FeatureFileError` when it is not a usable feature file,
+def read_features(
+    path: str | Path,
+    model: LoadedModel,
+    *,
+    source: str | None = None,
+    limits: FeatureLimits | None = None,
+) -> FeatureBag:
+    """Read a feature file for `model`: `FeatureFileError` when it is not a usable feature file
+    (reaches other files, declares more than `limits`, mistyped fields, no tiles),
     `FeatureContractError` when its features are not what the model was trained on (both name
     `source`, by default the path)."""
     source = source or str(path)
     try:
-        bag = read_feature_file(path)
+        bag = read_feature_file(path, limits=limits)
     except FeatureFileError as err:
         raise FeatureFileError(f"{source} is not a usable feature file: {err}") from err
+    if bag.num_tiles == 0:
+        raise FeatureFileError(f"{source} holds no tiles (an empty bag): there is nothing to predict")
     model.card.feature_contract.check(bag, source=source)
     return bag
 
@@ -193,9 +202,15 @@ def _slide_size(bag: FeatureBag) -> tuple[int, int] | None:
     return int(right), int(bottom)
 
 
-def predict_features(path: str | Path, model: LoadedModel, *, source: str | None = None) -> SlidePrediction:
-    """Predict a slide from its feature file (checked against the model's feature contract)."""
-    bag = read_features(path, model, source=source)
+def predict_features(
+    path: str | Path,
+    model: LoadedModel,
+    *,
+    source: str | None = None,
+    limits: FeatureLimits | None = None,
+) -> SlidePrediction:
+    """Predict a slide from its feature file (checked by `read_features`)."""
+    bag = read_features(path, model, source=source, limits=limits)
     return SlidePrediction(
         slide_id=bag.slide_id,
         prediction=predict_bag(model, bag.features),

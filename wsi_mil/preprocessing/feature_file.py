@@ -4,6 +4,10 @@ Layout (see docs/feature-file-format.md): datasets `features [N, D]` and `coords
 level-0 top-left), CLAM's and TRIDENT's attributes on `coords` so their loaders read our files,
 and the full provenance on the root group. The reader also accepts CLAM, TRIDENT, STAMP and
 `.pt` bags, so MIL training takes whatever features a user already has.
+
+The reader trusts nothing a file declares: before any data is read it refuses links, raw storage
+and virtual datasets that reach other files, shapes and dtypes that are not a bag, sizes past
+`FeatureLimits`, and attributes of the wrong type, each with a message naming the field.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ import json
 import pickle
 import types
 import typing
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import h5py
 import numpy as np
 import torch
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from wsi_mil.atomic import atomic_path
 from wsi_mil.errors import FeatureFileError
@@ -36,6 +42,67 @@ MIN_CHUNK_ROWS = 64
 TARGET_CHUNK_BYTES = 2 << 20
 _ERRORS_OF_BROKEN_HDF5 = (OSError, KeyError, RuntimeError, ValueError)
 _RESERVED_DATASETS = frozenset({"features", "coords"})
+#: the most values one attribute may hold (CLAM's and our attributes hold a handful)
+MAX_ATTRIBUTE_VALUES = 65_536
+_FLOAT_KINDS = "f"
+_INTEGER_KINDS = "iu"
+_NUMBER_KINDS = "biuf"
+
+
+@dataclass(frozen=True)
+class FeatureLimits:
+    """What a feature file may declare, checked on its metadata before any of its data is read.
+
+    `max_bytes` bounds everything the reader will hold in memory: the features as float32, the
+    coords and the per-tile datasets. The `*_setting` texts name what raises each limit in errors.
+    """
+
+    max_tiles: int = 2_000_000
+    max_bytes: int = 16 << 30
+    tiles_setting: str = "FeatureLimits.max_tiles"
+    bytes_setting: str = "FeatureLimits.max_bytes"
+
+
+def _not_text(value: Any) -> Any:
+    """Numbers only: text and booleans are refused, not parsed."""
+    if isinstance(value, str | bytes | bool):
+        raise ValueError("not a number")
+    return value
+
+
+_PositiveNumber = Annotated[float, BeforeValidator(_not_text), Field(gt=0, allow_inf_nan=False)]
+_POSITIVE_INT = (TypeAdapter(Annotated[int, BeforeValidator(_not_text), Field(gt=0)]), "a positive integer")
+_LEVEL = (TypeAdapter(Annotated[int, BeforeValidator(_not_text), Field(ge=0)]), "a non-negative integer")
+_POSITIVE_NUMBER = (TypeAdapter(_PositiveNumber), "a positive number")
+_DOWNSAMPLE = (
+    TypeAdapter(_PositiveNumber | Annotated[list[_PositiveNumber], Field(min_length=1)]),
+    "a positive number or a list of them",
+)
+#: attributes the reader and the feature contract compute with: their type, and how it is said
+_TYPED_ATTRIBUTES: dict[str, tuple[TypeAdapter[Any], str]] = {
+    **dict.fromkeys(
+        ("feature_dim", "tile_size_level0", "patch_size_level0", "patch_size", "tile_px",
+         "tile_size_px", "slide_width", "slide_height"),
+        _POSITIVE_INT,
+    ),
+    "patch_level": _LEVEL,
+    **dict.fromkeys(("target_mpp", "mpp", "tile_size_um"), _POSITIVE_NUMBER),
+    "downsample": _DOWNSAMPLE,
+}
+
+
+def _attribute_type_problems(name: str, attrs: Mapping[str, Any]) -> list[str]:
+    """One problem per typed attribute whose value is not of its type (named, with the value)."""
+    problems = []
+    for key, (adapter, kind) in _TYPED_ATTRIBUTES.items():
+        value = attrs.get(key)
+        if value is None:
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError:
+            problems.append(f"{name}: attribute `{key}` must be {kind}, got {repr(value)[:40]}")
+    return problems
 
 
 def _package_version(name: str) -> str:
@@ -438,7 +505,115 @@ def _plain(value: Any) -> Any:
 
 
 def _attrs_of(obj: h5py.HLObject) -> dict[str, Any]:
+    """An object's attributes as plain Python; one holding more than `MAX_ATTRIBUTE_VALUES` values
+    raises `FeatureFileError` before it is read."""
+    for key in obj.attrs:
+        count = obj.attrs.get_id(key).shape
+        if count and int(np.prod(count)) > MAX_ATTRIBUTE_VALUES:
+            raise FeatureFileError(
+                f"attribute `{key}` holds {int(np.prod(count)):,} values; feature file attributes "
+                f"hold at most {MAX_ATTRIBUTE_VALUES:,}"
+            )
     return {key: _plain(value) for key, value in obj.attrs.items()}
+
+
+def _outside_references(handle: h5py.File, name: str) -> list[str]:
+    """Whatever in the file would make HDF5 read another file: external (or user-defined) links,
+    external raw storage, virtual datasets. Links are listed without being followed."""
+    problems: list[str] = []
+
+    def visit_link(path: str, link: Any) -> None:
+        if not isinstance(link, h5py.HardLink | h5py.SoftLink):
+            problems.append(
+                f"{name}: `{path}` is an external link; a feature file must hold its own data "
+                "(links, external storage and virtual datasets are refused)"
+            )
+
+    handle.visititems_links(visit_link)
+    if problems:
+        return problems
+
+    def visit_object(path: str, item: Any) -> None:
+        if not isinstance(item, h5py.Dataset):
+            return
+        plist = item.id.get_create_plist()
+        if plist.get_layout() == h5py.h5d.VIRTUAL:
+            problems.append(
+                f"{name}: `{path}` is a virtual dataset (its data lies in other files); "
+                "write the features into the file itself"
+            )
+        elif plist.get_external_count() > 0:
+            problems.append(
+                f"{name}: `{path}` has external raw storage (its data lies in another file); "
+                "write the features into the file itself"
+            )
+
+    handle.visititems(visit_object)
+    return problems
+
+
+def _dtype_name(dataset: h5py.Dataset) -> str:
+    return "text" if h5py.check_string_dtype(dataset.dtype) else str(dataset.dtype)
+
+
+def _kind_of(item: h5py.HLObject | None) -> str:
+    return "missing" if item is None else "a group" if isinstance(item, h5py.Group) else "not a dataset"
+
+
+@dataclass
+class _Plan:
+    """What `_load_h5` will read, every shape, dtype and size checked: per-tile datasets by name."""
+
+    features: h5py.Dataset
+    coords: h5py.Dataset | None
+    tile_data: dict[str, h5py.Dataset]
+
+
+def _plan_reads(
+    handle: h5py.File, source: SourceFormat, features_key: str, name: str, limits: FeatureLimits
+) -> tuple[_Plan | None, list[str]]:
+    """Check the datasets to read against what a bag is and against `limits`, from metadata only."""
+    features = handle.get(features_key)
+    if not isinstance(features, h5py.Dataset):
+        return None, [f"{name}: `{features_key}` is {_kind_of(features)}, expected a dataset [N, D]"]
+    if features.dtype.kind not in _FLOAT_KINDS:
+        return None, [f"{name}: `{features_key}` has dtype {_dtype_name(features)}, expected float"]
+    if len(features.shape) != 2:
+        return None, [f"{name}: features must be 2-D [N, D], got shape {features.shape}"]
+    rows, dim = (int(n) for n in features.shape)
+    if rows > limits.max_tiles:
+        return None, [
+            f"{name}: the file declares {rows:,} tiles, more than the limit of "
+            f"{limits.max_tiles:,} ({limits.tiles_setting})"
+        ]
+    coords = handle.get("coords") if "coords" in handle else None
+    if coords is not None:
+        kinds = _INTEGER_KINDS + (_FLOAT_KINDS if source == "stamp" else "")
+        if not isinstance(coords, h5py.Dataset):
+            return None, [f"{name}: `coords` is {_kind_of(coords)}, expected a dataset [N, 2]"]
+        if coords.dtype.kind not in kinds:
+            return None, [f"{name}: `coords` has dtype {_dtype_name(coords)}, expected integer pixels"]
+        if coords.shape != (rows, 2):
+            return None, [
+                f"{name}: coords shape {coords.shape} does not match {rows} feature rows "
+                "(expected [N, 2])"
+            ]
+    tile_data = {
+        key: item
+        for key, item in handle.items()
+        if key not in (features_key, "coords")
+        and isinstance(item, h5py.Dataset)
+        and item.shape == (rows,)
+        and item.dtype.kind in _NUMBER_KINDS
+    }
+    in_memory = rows * (4 * dim + (16 if coords is not None else 0) + 8 * len(tile_data))
+    if in_memory > limits.max_bytes:
+        return None, [
+            f"{name}: the file declares {rows:,} x {dim:,} features ({in_memory / 2**20:,.0f} MiB "
+            f"in memory with coords and per-tile data), more than the limit of "
+            f"{limits.max_bytes / 2**20:,.0f} MiB ({limits.bytes_setting})"
+        ]
+    return _Plan(features, coords, tile_data), []
 
 
 def _detect_h5_format(handle: h5py.File) -> SourceFormat | None:
@@ -495,10 +670,15 @@ def _stamp_coords(
     return None, None
 
 
-def _load_h5(path: Path, slide_mpp: float | None) -> tuple[FeatureBag | None, list[str]]:
+def _load_h5(
+    path: Path, slide_mpp: float | None, limits: FeatureLimits
+) -> tuple[FeatureBag | None, list[str]]:
     name = path.name
     try:
         with h5py.File(path, "r", locking=False) as handle:
+            refused = _outside_references(handle, name)
+            if refused:
+                return None, refused
             source = _detect_h5_format(handle)
             if source is None:
                 found = ", ".join(sorted(handle.keys())) or "nothing"
@@ -509,32 +689,29 @@ def _load_h5(path: Path, slide_mpp: float | None) -> tuple[FeatureBag | None, li
             features_key = "feats" if source == "stamp" else "features"
             if "features" not in handle and source == "wsi_mil":
                 return None, [f"{name}: the `features` dataset is missing"]
-            features_ds = handle[features_key]
+            plan, refused = _plan_reads(handle, source, features_key, name, limits)
+            if plan is None:
+                return None, refused
             attrs: dict[str, Any] = {}
-            if "coords" in handle:
-                attrs.update(_attrs_of(handle["coords"]))
-            attrs.update(_attrs_of(features_ds))
+            if plan.coords is not None:
+                attrs.update(_attrs_of(plan.coords))
+            attrs.update(_attrs_of(plan.features))
             attrs.update(_attrs_of(handle))
-            features = np.asarray(features_ds[()])
-            coords = np.asarray(handle["coords"][()]) if "coords" in handle else None
-            tile_data = {
-                name: np.asarray(item[()])
-                for name, item in handle.items()
-                if name not in (features_key, "coords")
-                and isinstance(item, h5py.Dataset)
-                and item.shape == features.shape[:1]
-            }
+            refused = _attribute_type_problems(name, attrs)
+            if refused:
+                return None, refused
+            features = np.asarray(plan.features[()])
+            coords = np.asarray(plan.coords[()]) if plan.coords is not None else None
+            tile_data = {key: np.asarray(item[()]) for key, item in plan.tile_data.items()}
+    except FeatureFileError as err:
+        return None, [f"{name}: {err}"]
     except _ERRORS_OF_BROKEN_HDF5 as err:
         return None, [f"{name}: not a readable HDF5 feature file (truncated or corrupt?): {err}"]
     problems: list[str] = []
     notes: list[str] = []
-    if not np.issubdtype(features.dtype, np.floating):
-        problems.append(f"{name}: `{features_key}` has dtype {features.dtype}, expected float")
     tile_size = _tile_size_from_attrs(source, attrs)
     if source == "stamp" and coords is not None:
         coords, tile_size = _stamp_coords(coords.astype(np.float64), attrs, slide_mpp, notes)
-    elif coords is not None and not np.issubdtype(coords.dtype, np.integer):
-        problems.append(f"{name}: `coords` has dtype {coords.dtype}, expected integer pixels")
     if coords is None and source != "stamp":
         notes.append("the file has no `coords` dataset")
     if source == "wsi_mil":
@@ -542,7 +719,7 @@ def _load_h5(path: Path, slide_mpp: float | None) -> tuple[FeatureBag | None, li
         if coords is None:
             problems.append(f"{name}: the `coords` dataset is missing")
     bag = FeatureBag(
-        features=features.astype(np.float32, copy=False) if features.ndim == 2 else features,
+        features=features.astype(np.float32, copy=False),
         coords=coords.astype(np.int64, copy=False) if coords is not None else None,
         tile_size_level0=tile_size,
         attrs=attrs,
@@ -590,17 +767,35 @@ def _as_tensor(value: Any) -> Any:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def _load_pt(path: Path) -> tuple[FeatureBag | None, list[str]]:
+def _pt_size_problems(path: Path, limits: FeatureLimits) -> list[str]:
+    """A zip-format `.pt` whose entries unpack to more than `limits.max_bytes` (a legacy one is
+    as large as its file)."""
+    if not zipfile.is_zipfile(path):
+        return []
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(entry.file_size for entry in archive.infolist())
+    if unpacked <= limits.max_bytes:
+        return []
+    return [
+        f"{path.name}: the archive unpacks to {unpacked / 2**20:,.0f} MiB, more than the limit of "
+        f"{limits.max_bytes / 2**20:,.0f} MiB ({limits.bytes_setting})"
+    ]
+
+
+def _load_pt(path: Path, limits: FeatureLimits) -> tuple[FeatureBag | None, list[str]]:
     """A `.pt` bag: a tensor or a numpy array (TRIDENT pickles one), or a dict of them.
 
     Loaded with `weights_only=True` and only the numpy array constructors allowed, so a user's
-    file can never run code while it is read.
+    file can never run code while it is read; its unpacked size is checked first.
     """
     name = path.name
     try:
+        refused = _pt_size_problems(path, limits)
+        if refused:
+            return None, refused
         with torch.serialization.safe_globals(_numpy_array_globals()):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as err:
         cause = _unpickling_cause(err)
         return None, [f"{name}: not a torch file of tensors or numpy arrays that loads safely: {cause}"]
     attrs: dict[str, Any] = {}
@@ -620,6 +815,14 @@ def _load_pt(path: Path) -> tuple[FeatureBag | None, list[str]]:
         return None, [
             f"{name}: features/coords must be tensors, got {type(features_tensor).__name__}"
         ]
+    if features_tensor.ndim and features_tensor.shape[0] > limits.max_tiles:
+        return None, [
+            f"{name}: the bag holds {features_tensor.shape[0]:,} tiles, more than the limit of "
+            f"{limits.max_tiles:,} ({limits.tiles_setting})"
+        ]
+    refused = _attribute_type_problems(name, attrs)
+    if refused:
+        return None, refused
     problems: list[str] = []
     if not features_tensor.is_floating_point():
         problems.append(f"{name}: features have dtype {features_tensor.dtype}, expected float")
@@ -662,36 +865,48 @@ def _content_problems(bag: FeatureBag) -> list[str]:
     return problems
 
 
-def _load(path: Path, slide_mpp: float | None) -> tuple[FeatureBag | None, list[str]]:
+def _load(
+    path: Path, slide_mpp: float | None, limits: FeatureLimits | None
+) -> tuple[FeatureBag | None, list[str]]:
     if not path.is_file():
         return None, [f"{path.name}: no such feature file ({path})"]
-    if path.suffix.lower() in PT_SUFFIXES:
-        bag, problems = _load_pt(path)
-    else:
-        bag, problems = _load_h5(path, slide_mpp)
-    if bag is not None:
-        problems += _content_problems(bag)
+    limits = limits or FeatureLimits()
+    try:
+        if path.suffix.lower() in PT_SUFFIXES:
+            bag, problems = _load_pt(path, limits)
+        else:
+            bag, problems = _load_h5(path, slide_mpp, limits)
+        if bag is not None:
+            problems += _content_problems(bag)
+    except MemoryError:
+        return None, [f"{path.name}: too large to read into this machine's memory"]
     return bag, problems
 
 
 def read_feature_file(
-    path: str | Path, *, validate: bool = True, slide_mpp: float | None = None
+    path: str | Path,
+    *,
+    validate: bool = True,
+    slide_mpp: float | None = None,
+    limits: FeatureLimits | None = None,
 ) -> FeatureBag:
     """Read a wsi_mil, CLAM, TRIDENT or STAMP `.h5`, or a `.pt`/`.pth` bag.
 
-    With `validate`, any problem (missing datasets or provenance, shapes, dtypes, NaN/inf) raises
-    `FeatureFileError` naming the file and the problem. `slide_mpp` is only used to put STAMP's
-    µm coordinates into level-0 pixels.
+    Files that reach other files (external links or storage, virtual datasets), declare more than
+    `limits` (default `FeatureLimits()`) or carry mistyped fields raise `FeatureFileError` before
+    any data is read. With `validate`, any other problem (missing datasets or provenance, shapes,
+    dtypes, NaN/inf) raises too, naming the file and the problem. `slide_mpp` is only used to put
+    STAMP's µm coordinates into level-0 pixels.
     """
-    bag, problems = _load(Path(path), slide_mpp)
+    bag, problems = _load(Path(path), slide_mpp, limits)
     if bag is None or (validate and problems):
         raise FeatureFileError("; ".join(problems))
     return bag
 
 
-def validate_feature_file(path: str | Path) -> list[str]:
+def validate_feature_file(path: str | Path, *, limits: FeatureLimits | None = None) -> list[str]:
     """The problems `read_feature_file` would raise for, as a list (empty when the file is fine)."""
-    return _load(Path(path), None)[1]
+    return _load(Path(path), None, limits)[1]
 
 
 def read_feature_meta(path: str | Path) -> dict[str, Any]:
@@ -701,6 +916,9 @@ def read_feature_meta(path: str | Path) -> dict[str, Any]:
     file_path = Path(path)
     try:
         with h5py.File(file_path, "r", locking=False) as handle:
+            refused = _outside_references(handle, file_path.name)
+            if refused:
+                raise FeatureFileError("; ".join(refused))
             source = _detect_h5_format(handle)
             meta: dict[str, Any] = {}
             key = next((k for k in ("features", "feats") if k in handle), None)

@@ -505,6 +505,13 @@ class SlideReader:
         Transparent pixels (outside the slide or its scanned area) take the `background` colour.
         Frames that OpenSlide decodes in the wrong colour space are converted (`color_correction`).
         """
+        return _composite_on(self.read_region_rgba(location, level, size), background)
+
+    def read_region_rgba(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """OpenSlide's RGBA region (transparent outside the scanned area) with the reader's colour
+        correction: what OpenSlide-shaped consumers such as `DeepZoomGenerator` read."""
         width, height = size
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {size}")
@@ -515,9 +522,7 @@ class SlideReader:
             rgba = handle.read_region((int(location[0]), int(location[1])), level, (width, height))
         except _OPENSLIDE_FAILURES as err:
             raise self._fail(err, f"reading level {level} at {tuple(location)}", handle) from err
-        if self._ycbcr_labelled_rgb:
-            rgba = _ycbcr_to_rgb(rgba)
-        return _composite_on(rgba, background)
+        return _ycbcr_to_rgb(rgba) if self._ycbcr_labelled_rgb else rgba
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]

@@ -43,6 +43,8 @@ from wsi_mil.service.observability import (
     install_log_record_factory,
     request_id_var,
 )
+from wsi_mil.service.redaction import redact_paths
+from wsi_mil.service.render_cache import RenderCache
 from wsi_mil.service.routes import health, heatmaps, jobs, models, predictions, viewer
 from wsi_mil.service.settings import ServiceSettings
 from wsi_mil.service.workers import WorkerPool
@@ -98,12 +100,13 @@ def status_of(error: WsiMilError) -> int:
     return 400
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, settings: ServiceSettings) -> None:
+    """Error bodies `{detail, request_id}`; details never name a server path (`redact_paths`)."""
+
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return JSONResponse(
-            _error_body(exc.detail), status_code=exc.status_code, headers=exc.headers
-        )
+        detail = redact_paths(exc.detail, settings) if isinstance(exc.detail, str) else exc.detail
+        return JSONResponse(_error_body(detail), status_code=exc.status_code, headers=exc.headers)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -112,7 +115,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, WsiMilError)
-        return JSONResponse(_error_body(str(exc)), status_code=status_of(exc))
+        return JSONResponse(
+            _error_body(redact_paths(str(exc), settings)), status_code=status_of(exc)
+        )
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -143,6 +148,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             deepzoom,
             pool,
         )
+        app.state.heatmap_cache = RenderCache(int(settings.heatmap_cache_mb * 2**20))
         pool.start()
         log.info(
             "wsi-mil service ready: %d model(s), %d job worker(s)", len(registry), settings.workers
@@ -161,11 +167,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         openapi_tags=TAGS,
         generate_unique_id_function=operation_id,
+        # a slash redirect would build its URL from the client's Host header; paths are exact
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     metrics.watch_jobs(lambda: app.state.store.counts() if hasattr(app.state, "store") else {})
-    _install_error_handlers(app)
+    _install_error_handlers(app, settings)
 
     protected = [Depends(require_api_key)]
     for router in (

@@ -1,7 +1,9 @@
 """Deep Zoom tiles of a job's slide for OpenSeadragon, from openslide's `DeepZoomGenerator`.
 
-Generators are cached per slide file in a bounded LRU, so a viewer's hundreds of tile requests
-reuse one open OpenSlide handle. Tile geometry follows openslide's DeepZoom server: 254 px tiles
+The generator reads through the project's `SlideReader` (not OpenSlide directly), so the viewer
+shows the colours the features were computed from (e.g. DICOM frames mislabelled RGB are
+corrected). Generators are cached per slide file in a bounded LRU, so a viewer's hundreds of tile
+requests reuse one open slide. Tile geometry follows openslide's DeepZoom server: 254 px tiles
 with a 1 px overlap (256 px per request), `limit_bounds=True`; `bounds` says which level-0 region
 the Deep Zoom image covers so overlays in level-0 pixels can be placed on it.
 """
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import openslide
 from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
 
 from wsi_mil.errors import SlideOpenError, TileNotFoundError
+from wsi_mil.preprocessing.slide import SlideReader
 
 TILE_SIZE = 254
 OVERLAP = 1
@@ -48,7 +52,7 @@ class SlideDeepZoom:
             )
         try:
             tile = self.generator.get_tile(level, address)
-        except openslide.OpenSlideError as err:
+        except SlideOpenError as err:
             raise SlideOpenError(
                 f"reading Deep Zoom tile {level}/{col}_{row} failed: {err}"
             ) from err
@@ -69,16 +73,48 @@ def slide_bounds(
     return x, y, w, h
 
 
+class _ReaderAsOpenSlide:
+    """The part of OpenSlide's interface `DeepZoomGenerator` uses, answered by a `SlideReader`."""
+
+    def __init__(self, reader: SlideReader) -> None:
+        self._reader = reader
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self._reader.properties
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._reader.dimensions
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._reader.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._reader.level_downsamples
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        return self._reader.best_level_for_downsample(downsample)
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        return self._reader.read_region_rgba(location, level, size)
+
+
 def open_deepzoom(path: str | Path) -> SlideDeepZoom:
-    """Open `path` with OpenSlide and wrap it in a Deep Zoom generator; raises `SlideOpenError`."""
+    """Open `path` with the slide reader and wrap it in a Deep Zoom generator; raises `SlideOpenError`
+    (a slide whose pixels do not decode opens, and its tiles raise)."""
+    reader = SlideReader(path)
     try:
-        slide = openslide.OpenSlide(Path(path))
         generator = DeepZoomGenerator(
-            slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=True
+            _ReaderAsOpenSlide(reader), tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=True
         )
-        return SlideDeepZoom(generator, slide_bounds(slide.properties, slide.dimensions))
     except (openslide.OpenSlideError, OSError, ValueError) as err:
         raise SlideOpenError(f"{Path(path).name}: cannot open for Deep Zoom: {err}") from err
+    return SlideDeepZoom(generator, slide_bounds(reader.properties, reader.dimensions))
 
 
 class DeepZoomCache:

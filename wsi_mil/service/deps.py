@@ -12,6 +12,7 @@ from wsi_mil.service.deepzoom import DeepZoomCache
 from wsi_mil.service.job_store import JobRecord, JobStore
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import ServiceMetrics
+from wsi_mil.service.render_cache import RenderCache
 from wsi_mil.service.schemas import JOB_ID_PATTERN
 from wsi_mil.service.settings import ServiceSettings
 from wsi_mil.service.workers import WorkerPool
@@ -54,12 +55,18 @@ def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+def get_heatmap_cache(request: Request) -> RenderCache:
+    """Rendered heatmap PNGs by job and options."""
+    return request.app.state.heatmap_cache
+
+
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 PoolDep = Annotated[WorkerPool, Depends(get_pool)]
 DeepZoomDep = Annotated[DeepZoomCache, Depends(get_deepzoom)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+HeatmapCacheDep = Annotated[RenderCache, Depends(get_heatmap_cache)]
 
 
 def require_api_key(

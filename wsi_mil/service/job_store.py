@@ -246,6 +246,25 @@ class JobStore:
                 (time.time(), job_id),
             )
 
+    def fail_running(self, *, max_attempts: int, ttl_seconds: float) -> int:
+        """Fail every `running` job already started `max_attempts` times (at start-up, before
+        `requeue_running`): a job that was running each time the service died may be what kills it."""
+        now = time.time()
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'failed', stage = 'failed', error = ?, updated = ?,"
+                " finished = ?, expires = ? WHERE state = 'running' AND attempts >= ?",
+                (
+                    f"the service stopped while running this job {max_attempts} times; it is not "
+                    "started again (WSI_MIL_MAX_JOB_ATTEMPTS). Submit it again once the cause is fixed",
+                    now,
+                    now,
+                    now + ttl_seconds,
+                    max_attempts,
+                ),
+            )
+            return cursor.rowcount
+
     def requeue_running(self) -> int:
         """Re-queue every `running` job (called at start-up: no worker runs them any more)."""
         with self._transaction() as conn:

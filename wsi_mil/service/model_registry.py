@@ -58,7 +58,7 @@ class ModelRegistry:
         models: dict[str, LoadedModel] = {}
         problems: dict[str, str] = {}
         if not root.is_dir():
-            problems[str(root)] = "models_dir does not exist; set WSI_MIL_MODELS_DIR or --models"
+            problems["models_dir"] = "the models folder does not exist; set WSI_MIL_MODELS_DIR or --models"
             return cls(models, problems)
         for card_path in sorted(root.rglob(CARD_FILE)):
             folder = card_path.parent
@@ -66,7 +66,8 @@ class ModelRegistry:
             try:
                 models[name] = load_model(folder, device=target)
             except (WsiMilError, OSError, RuntimeError, ValueError) as err:
-                problems[name] = str(err)
+                # the folder's own files are named relative to it: problems are shown to clients
+                problems[name] = str(err).replace(f"{folder}/", "").replace(str(folder), name)
                 log.warning("model folder %s not served: %s", folder, err)
         log.info("serving %d model(s) from %s: %s", len(models), root, ", ".join(models) or "none")
         return cls(models, problems)

@@ -24,7 +24,7 @@ from wsi_mil.ray_cluster import gpus_per_task, ray_session, task_exception
 from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobRecord
 from wsi_mil.service.settings import ServiceSettings
-from wsi_mil.service.workers import EncoderCache, JobControl, run_slide_job
+from wsi_mil.service.slide_jobs import EncoderCache, JobControl, run_slide_job
 
 log = logging.getLogger(__name__)
 

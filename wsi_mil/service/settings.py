@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:  # the settings stay importable without torch and h5py
+    from wsi_mil.preprocessing.feature_file import FeatureLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: where `npm ci` at the repository root puts OpenSeadragon's browser build
@@ -38,8 +41,23 @@ class ServiceSettings(BaseSettings):
     max_upload_mb: float = Field(
         4096.0, gt=0, description="largest accepted upload (slide or feature file)"
     )
+    max_feature_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="most memory an uploaded feature file may declare (features as float32, "
+        "coords, per-tile data); checked before it is read",
+    )
+    max_tiles: int = Field(
+        1_000_000, ge=1, description="most tiles an uploaded feature file may declare"
+    )
     workers: int = Field(
         1, ge=0, description="slide-job worker threads; 0 accepts jobs without running them"
+    )
+    max_job_attempts: int = Field(
+        3,
+        ge=1,
+        description="a job left running by a stopped service is started again until it has been "
+        "started this many times, then it fails",
     )
     result_ttl_hours: float = Field(
         72.0, gt=0, description="finished jobs and their files are purged after this"
@@ -58,6 +76,15 @@ class ServiceSettings(BaseSettings):
     batch_size: int = Field(64, ge=1, description="tiles per encoder batch in slide jobs")
     top_k: int = Field(
         8, ge=1, le=256, description="default number of top-attention tiles returned"
+    )
+    heatmap_max_size: int = Field(
+        2048, ge=64, le=8192, description="longest side a heatmap PNG is drawn at (larger requests get this)"
+    )
+    heatmap_max_smooth: float = Field(
+        10.0, ge=0, description="largest heatmap smoothing sigma in tiles (larger requests get this)"
+    )
+    heatmap_cache_mb: float = Field(
+        64.0, ge=0, description="memory for rendered heatmap PNGs, reused for repeated requests"
     )
     deepzoom_cache_size: int = Field(
         8, ge=1, description="slides whose DeepZoom generators stay open"
@@ -95,6 +122,18 @@ class ServiceSettings(BaseSettings):
     def max_upload_bytes(self) -> int:
         """The upload limit in bytes."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def feature_limits(self) -> FeatureLimits:
+        """What an uploaded feature file may declare (checked before any of its data is read)."""
+        from wsi_mil.preprocessing.feature_file import FeatureLimits
+
+        return FeatureLimits(
+            max_tiles=self.max_tiles,
+            max_bytes=int(self.max_feature_mb * 2**20),
+            tiles_setting="WSI_MIL_MAX_TILES",
+            bytes_setting="WSI_MIL_MAX_FEATURE_MB",
+        )
 
     @property
     def database_path(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
@@ -22,6 +23,23 @@ from wsi_mil.errors import SlidePathError, UploadTooLargeError
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._()+-]")
 MAX_FILENAME_CHARS = 128
+#: longest client-given name a job shows and logs
+MAX_DISPLAY_CHARS = 256
+
+
+def printable_name(name: str, *, limit: int = MAX_DISPLAY_CHARS) -> str:
+    """A client's name as shown back and logged: control and format characters (NUL, newlines)
+    become `?`, at most `limit` characters; letters of any script are kept."""
+    shown = "".join("?" if unicodedata.category(char)[0] == "C" else char for char in name)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def slide_id_for(name: str) -> str:
+    """The slide id a job's outputs are named after: the file name's stem with accents folded to
+    ASCII and every other unsafe character made `_`, at most 128 characters of `[A-Za-z0-9._()+-]`."""
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    stem, dot, _ = PureWindowsPath(PurePosixPath(folded).name).name.rpartition(".")
+    return safe_filename(stem if dot else folded, default="slide")
 
 
 def safe_filename(name: str, *, default: str = "upload") -> str:
@@ -223,22 +241,30 @@ def resolve_slide_path(slide_root: Path | None, requested: str) -> Path:
         )
     if "\x00" in requested or not requested.strip():
         raise SlidePathError("slide_path must be a non-empty path without NUL characters")
+    shown = printable_name(requested)
     candidate = PurePosixPath(requested.replace("\\", "/"))
     if ".." in candidate.parts:
         raise SlidePathError(
-            f"slide_path {requested!r} contains '..'; name the slide relative to the slide root"
+            f"slide_path {shown!r} contains '..'; name the slide relative to the slide root"
         )
     root = slide_root.resolve()
-    resolved = (
-        (root / candidate).resolve() if not candidate.is_absolute() else Path(candidate).resolve()
-    )
-    if not resolved.is_relative_to(root):
+    try:
+        resolved = (
+            (root / candidate).resolve() if not candidate.is_absolute() else Path(candidate).resolve()
+        )
+        inside = resolved.is_relative_to(root)
+        is_file = inside and resolved.is_file()
+    except RuntimeError as err:  # Python < 3.13 reports a symlink loop so
+        raise SlidePathError(f"slide_path {shown!r} runs into a symlink loop") from err
+    except OSError as err:  # ELOOP, ENAMETOOLONG, EACCES: the message would name server folders
         raise SlidePathError(
-            f"slide_path {requested!r} lies outside the slide root (after resolving symlinks); "
+            f"slide_path {shown!r} cannot be looked up under the slide root: {err.strerror}"
+        ) from err
+    if not inside:
+        raise SlidePathError(
+            f"slide_path {shown!r} lies outside the slide root (after resolving symlinks); "
             "only slides under WSI_MIL_SLIDE_ROOT can be named"
         )
-    if not resolved.is_file():
-        raise SlidePathError(
-            f"no slide file {requested!r} under the slide root (WSI_MIL_SLIDE_ROOT)"
-        )
+    if not is_file:
+        raise SlidePathError(f"no slide file {shown!r} under the slide root (WSI_MIL_SLIDE_ROOT)")
     return resolved

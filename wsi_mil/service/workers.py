@@ -7,9 +7,9 @@ be pickled. The slide's steps (preprocess, predict, tile scores) are `wsi_mil.in
 files are `job_files`'. Jobs left `running` by a stopped service are re-queued at start-up, and
 expired jobs are purged with their files.
 
-Where a job's work runs is the executor's choice (`settings.executor`): `LocalExecutor` runs it in the
-worker thread; `wsi_mil.service.ray_jobs.RayExecutor` runs the same `run_slide_job` as a Ray task
-while the thread relays progress and stop requests. Job state stays in this process's store either way.
+Where a job's work runs is the executor's choice (`settings.executor`): `slide_jobs.LocalExecutor` runs
+it in the worker thread; `ray_jobs.RayExecutor` runs the same `run_slide_job` as a Ray task while the
+thread relays progress and stop requests. Job state stays in this process's store either way.
 """
 
 from __future__ import annotations
@@ -18,149 +18,19 @@ import logging
 import shutil
 import threading
 import time
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from wsi_mil.errors import JobCancelledError, WsiMilError
-from wsi_mil.inference.loading import LoadedModel
-from wsi_mil.inference.predict import predict_slide
-from wsi_mil.preprocessing.encoders import Encoder, load_encoder
 from wsi_mil.service.deepzoom import DeepZoomCache
-from wsi_mil.service.job_files import JobPaths, save_job_results
+from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobRecord, JobStore
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
+from wsi_mil.service.redaction import redact_paths
 from wsi_mil.service.settings import ServiceSettings
+from wsi_mil.service.slide_jobs import EncoderCache, JobExecutor, LocalExecutor
 
 log = logging.getLogger(__name__)
-
-ENCODER_CACHE_SIZE = 2
-# Share of a job's progress bar before feature extraction starts and after it ends.
-_PROGRESS_FEATURES_START = 0.1
-_PROGRESS_FEATURES_END = 0.9
-
-
-class EncoderCache:
-    """Loaded patch encoders keyed by (name, weights, device), least recently used evicted; thread-safe."""
-
-    def __init__(self, capacity: int = ENCODER_CACHE_SIZE) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str | None, str], Encoder] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str, *, weights: str | None, device: torch.device) -> Encoder:
-        """The encoder, loaded on first use."""
-        key = (name, weights, str(device))
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            encoder = load_encoder(name, weights=weights, device=device)
-            self._items[key] = encoder
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-            return encoder
-
-
-class JobControl(Protocol):
-    """How a running job reports its progress and learns that it must stop, wherever it runs."""
-
-    def report(self, progress: float, stage: str) -> None:
-        """Record the job's progress (0..1) and stage name."""
-
-    def check(self) -> None:
-        """Raise `JobCancelledError` when the job was cancelled or the service is stopping."""
-
-
-class JobExecutor(Protocol):
-    """Runs a claimed job's work (`run_slide_job`) somewhere and returns its result record."""
-
-    def start(self) -> None:
-        """Get ready to run jobs (called by `WorkerPool.start`)."""
-
-    def stop(self) -> None:
-        """Release what `start` took (called by `WorkerPool.stop` after its threads ended)."""
-
-    def run(self, job: JobRecord, paths: JobPaths, model: LoadedModel, control: JobControl) -> dict[str, Any]:
-        """Run the job to its stored results; raise `JobCancelledError` or `WsiMilError` as the work does."""
-
-
-def run_slide_job(
-    job: JobRecord,
-    paths: JobPaths,
-    model: LoadedModel,
-    *,
-    encoders: EncoderCache,
-    control: JobControl,
-    batch_size: int,
-    tile_workers: int,
-) -> dict[str, Any]:
-    """A slide job's work: the model's preprocessing, `predict_slide` and the stored results (under
-    `paths`, renamed into place in one step); returns the job's result record."""
-    config = model.slide_config()
-    shutil.rmtree(paths.work_dir, ignore_errors=True)
-    control.check()
-    control.report(0.02, "loading encoder")
-    encoder = encoders.get(config.encoder, weights=config.weights, device=model.device)
-    control.check()
-    control.report(0.05, "tissue and tiling")
-    last_report = [0.0]
-
-    def on_tiles(done: int, total: int) -> None:
-        control.check()
-        now = time.monotonic()
-        if now - last_report[0] >= 0.5 or done == total:
-            last_report[0] = now
-            share = _PROGRESS_FEATURES_END - _PROGRESS_FEATURES_START
-            control.report(_PROGRESS_FEATURES_START + share * done / total, "features")
-
-    try:
-        result = predict_slide(
-            job.slide_path,
-            model,
-            encoder=encoder,
-            out_dir=paths.work_dir,
-            slide_id=Path(job.slide_name).stem or "slide",
-            mpp_override=job.mpp_override,
-            batch_size=batch_size,
-            num_workers=tile_workers,
-            on_tiles=on_tiles,
-        )
-    except WsiMilError:
-        control.check()  # a job stopped inside preprocessing reports the stop
-        raise
-    control.check()
-    control.report(0.96, "saving results")
-    return save_job_results(paths, job, result)
-
-
-class LocalExecutor:
-    """Runs jobs in the calling worker thread, sharing one encoder cache between the threads."""
-
-    def __init__(self, settings: ServiceSettings, encoders: EncoderCache) -> None:
-        self.settings = settings
-        self.encoders = encoders
-
-    def start(self) -> None:
-        """Nothing to start."""
-
-    def stop(self) -> None:
-        """Nothing to stop."""
-
-    def run(self, job: JobRecord, paths: JobPaths, model: LoadedModel, control: JobControl) -> dict[str, Any]:
-        """Run the job here."""
-        return run_slide_job(
-            job,
-            paths,
-            model,
-            encoders=self.encoders,
-            control=control,
-            batch_size=self.settings.batch_size,
-            tile_workers=self.settings.tile_workers,
-        )
 
 
 def executor_for(settings: ServiceSettings, encoders: EncoderCache) -> JobExecutor:
@@ -219,7 +89,18 @@ class WorkerPool:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Re-queue orphaned jobs, purge expired ones, start the executor, the worker and purge threads."""
+        """Fail orphaned jobs past the attempt cap, re-queue the others, purge expired ones, start
+        the executor, the worker and purge threads."""
+        failed = self.store.fail_running(
+            max_attempts=self.settings.max_job_attempts,
+            ttl_seconds=self.settings.result_ttl_hours * 3600,
+        )
+        if failed:
+            log.warning(
+                "%d job(s) were running each of the last %d times the service stopped; failed, not re-queued",
+                failed,
+                self.settings.max_job_attempts,
+            )
         self.executor.start()
         requeued = self.store.requeue_running()
         if requeued:
@@ -315,7 +196,9 @@ class WorkerPool:
             return
         except WsiMilError as err:
             shutil.rmtree(paths.work_dir, ignore_errors=True)
-            self.store.finish(job.id, "failed", ttl_seconds=ttl, error=str(err))
+            self.store.finish(
+                job.id, "failed", ttl_seconds=ttl, error=redact_paths(str(err), self.settings)
+            )
             log.info("job %s: failed: %s", job.id, err)
             return
         except Exception:

@@ -9,7 +9,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
+
+from wsi_mil.service import create_app
 
 SLIDE_SIZE = 2048
 TILE = 128
@@ -204,3 +207,20 @@ def test_the_legend_gives_the_colours_and_the_score_at_each_tick(
     assert minmax["ticks"][-1]["value"] == pytest.approx(attention.max())
     assert minmax["colors"][0] == "rgba(0, 0, 0, 1.00)"
     assert live_client.get(f"{base}/heatmap-legend", params={"class_index": 1}).status_code == 422
+
+
+def test_heatmap_work_is_capped_and_cached(live_service: Any, finished_job: dict) -> None:
+    """`max_size=4096&smooth=10` is honoured only up to the settings' caps: the PNG is the capped
+    size and equals the request at the caps; the second identical request comes from the cache."""
+    capped = live_service.settings.model_copy(
+        update={"workers": 0, "heatmap_max_size": 256, "heatmap_max_smooth": 2.0}
+    )
+    url = f"/v1/jobs/{finished_job['id']}/heatmap.png"
+    with TestClient(create_app(capped)) as client:
+        asked = client.get(url, params={"max_size": 4096, "smooth": 10})
+        at_caps = client.get(url, params={"max_size": 256, "smooth": 2})
+        unsmoothed = client.get(url, params={"max_size": 256})
+        cache = client.app.state.heatmap_cache
+        assert cache.hits == 1
+    assert png(asked).shape[:2] == (256, 256)
+    assert asked.content == at_caps.content != unsmoothed.content

@@ -3,7 +3,9 @@ delete, and a job queued before a restart finishing after it."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,3 +265,62 @@ def test_cancel_and_restart(slide_settings, job_waiter) -> None:
         assert job["state"] == "done", job
         assert client.get(f"/v1/jobs/{dropped['id']}").json()["state"] == "cancelled"
         assert client.post(f"/v1/jobs/{kept['id']}/cancel").status_code == 409
+
+
+def test_slide_paths_that_trip_the_file_system_are_400(client: TestClient, tmp_path: Path) -> None:
+    """A symlink loop and names past NAME_MAX/PATH_MAX are refused like any bad path, without
+    the server's folders in the answer."""
+    slides = tmp_path / "slides"
+    (slides / "loop.svs").symlink_to(slides / "loop.svs")
+    (slides / "ping").symlink_to(slides / "pong")
+    (slides / "pong").symlink_to(slides / "ping")
+    for slide_path in ("loop.svs", "ping/slide.svs", "n" * 300 + ".svs", "d/" * 2040 + "s.svs"):
+        for response in (
+            client.post("/v1/jobs", json={"model": "random_abmil", "slide_path": slide_path}),
+            client.post("/v1/jobs", data={"model": "random_abmil", "slide_path": slide_path}),
+        ):
+            assert response.status_code == 400, (slide_path[:20], response.text)
+            assert str(tmp_path) not in response.text
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def _multipart_upload(filename: bytes, content: bytes, model: str = "random_abmil") -> tuple[bytes, str]:
+    """A multipart body with the file name sent as raw bytes (clients percent-encode control
+    characters; an attacker does not)."""
+    boundary = b"wsimil-hostile-boundary"
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        + model.encode() + b"\r\n--" + boundary
+        + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
+        + b"Content-Type: image/tiff\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n"
+    )
+    return body, f"multipart/form-data; boundary={boundary.decode()}"
+
+
+def test_hostile_upload_names_become_safe_slide_ids(
+    client: TestClient, lesion_slide, job_waiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NUL, 300 characters, a newline forging a log line, path separators and non-ASCII letters in
+    an upload's file name: every job still runs, under a safe slide id, and logs one line per event."""
+    caplog.set_level(logging.INFO, logger="wsi_mil")
+    names = {
+        "nul": b"tumor\x00.tiff",
+        "300 characters": b"n" * 300 + b".tiff",
+        "newline": b"ok.tiff\n[wsi_mil] job 00000000000000000000000000000000: done",
+        "separators": b"../../etc/a\\b.tiff",
+        "unicode": "Gewebe-ß 腫瘍.tiff".encode(),
+    }
+    content = lesion_slide.path.read_bytes()
+    ids = {}
+    for label, filename in names.items():
+        body, content_type = _multipart_upload(filename, content)
+        response = client.post("/v1/jobs", content=body, headers={"content-type": content_type})
+        assert response.status_code == 202, (label, response.text)
+        ids[label] = response.json()["id"]
+    for label, job_id in ids.items():
+        job = job_waiter(client, job_id)
+        assert job["state"] == "done", (label, job)
+        assert re.fullmatch(r"[A-Za-z0-9._()+-]{1,128}", job["result"]["slide_id"]), (label, job["result"]["slide_id"])
+        assert job["slide_name"].isprintable() and len(job["slide_name"]) <= 256, (label, job["slide_name"])
+    assert not any("\n" in record.getMessage() for record in caplog.records if record.name.startswith("wsi_mil"))
+    assert client.get(f"/v1/jobs/{ids['unicode']}").json()["slide_name"] == "Gewebe-ß 腫瘍.tiff"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,3 +182,70 @@ def test_bad_prediction_requests(
     ) as small:
         too_big = predict(small, lesion_features)
     assert too_big.status_code == 413
+
+
+def test_hostile_feature_files_are_422_naming_the_problem(
+    client: TestClient, hostile_files: dict, server_side_files: tuple[Path, Path]
+) -> None:
+    """Links and storage outside the upload, declared sizes past the limits, mistyped fields and
+    empty bags: each a 422 that names the field, never a 200 from a server file nor a 500."""
+    details = {}
+    for name, hostile in hostile_files.items():
+        response = predict(client, content=hostile.content, name="upload.h5")
+        assert response.status_code == 422, (name, response.status_code, response.text)
+        detail = response.json()["detail"]
+        assert hostile.reason in detail, (name, detail)
+        assert str(server_side_files[0].parent) not in detail, (name, detail)
+        details[name] = detail
+    # no existence oracle: a link to a file that exists reads the same as one to a missing file
+    assert (
+        details["external link to a server file"] == details["external link to a missing file"]
+    )
+
+
+def test_declared_sizes_are_refused_before_anything_is_read(
+    lesion_models_dir: Path, tmp_path: Path
+) -> None:
+    """Few-KB files declaring 2e8 tiles, or 200k x 512 features (400 MiB) past a 64 MiB limit, are
+    refused while the server's peak memory stays put (measured in a fresh process)."""
+    files = []
+    for rows, dim in ((2 * 10**8, 1), (200_000, 512)):
+        path = tmp_path / f"declared_{rows}x{dim}.h5"
+        with h5py.File(path, "w") as handle:
+            handle.create_dataset(
+                "features", shape=(rows, dim), dtype="f2", chunks=(4096, dim), compression="gzip"
+            )
+        assert path.stat().st_size < 64 * 1024
+        files.append(str(path))
+    script = """
+import json, resource, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from wsi_mil.service import ServiceSettings, create_app
+
+models, data, *files = sys.argv[1:]
+settings = ServiceSettings(models_dir=models, data_dir=data, workers=0, device="cpu", max_feature_mb=64)
+results = []
+with TestClient(create_app(settings)) as client:
+    for path in files:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        response = client.post(
+            "/v1/predictions",
+            data={"model": "lesion_abmil"},
+            files={"file": ("big.h5", Path(path).read_bytes())},
+        )
+        growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        results.append([response.status_code, response.json()["detail"], growth_mib])
+print(json.dumps(results))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(lesion_models_dir), str(tmp_path / "data"), *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for status, detail, growth_mib in json.loads(run.stdout.strip().splitlines()[-1]):
+        assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB: the file was read ({detail})"
+        assert status == 422, detail
+        assert "WSI_MIL_MAX_FEATURE_MB" in detail or "WSI_MIL_MAX_TILES" in detail, detail

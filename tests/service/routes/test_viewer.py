@@ -39,7 +39,11 @@ def test_dzi_descriptor_and_tiles(live_client: httpx.Client, finished_job: dict)
     assert Image.open(io.BytesIO(tile.content)).size == (255, 255)  # 254 + 1 px overlap at the edge
     assert live_client.get(f"{base}/dzi_files/{top_level}/99_0.jpeg").status_code == 404
     assert live_client.get(f"{base}/dzi_files/40/0_0.jpeg").status_code == 404
-    assert live_client.get(f"{base}/dzi_files/0/x_0.jpeg").status_code == 422
+    # tile names are `<col>_<row>.jpeg` in decimal digits and nothing else
+    assert live_client.get(f"{base}/dzi_files/{top_level}/0_0_0.jpeg").status_code == 404
+    for name in ("1_2_3", "x_0", "0_x", "1__2", "+1_0", "0_-1", "0x1_0", "١_0", "0_0 "):
+        assert live_client.get(f"{base}/dzi_files/{top_level}/{name}.jpeg").status_code == 404, name
+    assert live_client.get(f"{base}/dzi_files/{top_level}/00_0.jpeg").status_code == 200
 
 
 def test_viewer_page_uses_local_openseadragon_when_installed(

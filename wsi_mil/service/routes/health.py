@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wsi_mil.service.deps import MetricsDep, PoolDep, RegistryDep, SettingsDep, StoreDep
+from wsi_mil.service.redaction import redact_paths
 from wsi_mil.service.schemas import HealthPublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
@@ -27,16 +28,17 @@ async def healthz() -> HealthPublic:
 def readyz(
     response: Response, settings: SettingsDep, registry: RegistryDep, store: StoreDep, pool: PoolDep
 ) -> ReadyPublic:
-    """200 when the service can take work, else 503 with the reasons."""
+    """200 when the service can take work, else 503 with the reasons (no server paths: this
+    endpoint needs no API key)."""
     reasons = []
     if len(registry) == 0:
-        reasons.append(
-            f"no model loaded from {settings.models_dir} (WSI_MIL_MODELS_DIR / --models)"
-        )
+        reasons.append("no model loaded from the models folder (WSI_MIL_MODELS_DIR / --models)")
     try:
         store.counts()
     except sqlite3.Error as err:
-        reasons.append(f"job store unavailable: {type(err).__name__}: {err}")
+        reasons.append(
+            f"job store unavailable: {type(err).__name__}: {redact_paths(str(err), settings)}"
+        )
     if pool.alive_workers < settings.workers:
         reasons.append(f"{pool.alive_workers} of {settings.workers} job workers alive")
     if reasons:
@@ -46,7 +48,9 @@ def readyz(
         models=len(registry),
         workers=pool.alive_workers,
         reasons=reasons,
-        model_problems=registry.problems,
+        model_problems={
+            name: redact_paths(problem, settings) for name, problem in registry.problems.items()
+        },
     )
 
 

@@ -3,10 +3,11 @@ table, top tiles."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from fastapi.responses import JSONResponse
 from PIL import Image
 
@@ -24,7 +25,7 @@ from wsi_mil.inference.heatmaps import (
     top_tiles,
 )
 from wsi_mil.preprocessing.slide import open_slide
-from wsi_mil.service.deps import DoneJobDep, SettingsDep
+from wsi_mil.service.deps import DoneJobDep, HeatmapCacheDep, SettingsDep
 from wsi_mil.service.job_files import JobPaths
 from wsi_mil.service.job_store import JobRecord
 from wsi_mil.service.schemas import (
@@ -69,6 +70,29 @@ MapName = Annotated[
 ]
 
 
+@dataclass(frozen=True)
+class ScoreView:
+    """Which scores a heatmap shows, on which scale and in which colours."""
+
+    scale: Scale
+    class_index: int | None
+    map_name: str | None
+    cmap: str
+
+
+def score_view(
+    scale: ScaleQuery = "relative",
+    class_index: ClassIndex = None,
+    map_name: MapName = None,
+    cmap: CmapQuery = "jet",
+) -> ScoreView:
+    """The query parameters `heatmap.png` and `heatmap-legend` share."""
+    return ScoreView(scale, class_index, map_name, cmap)
+
+
+ScoreViewDep = Annotated[ScoreView, Depends(score_view)]
+
+
 def _scores(settings: ServiceSettings, job: JobRecord) -> TileScores:
     path = JobPaths(settings.data_dir, job.id).scores
     if not path.is_file():
@@ -76,6 +100,18 @@ def _scores(settings: ServiceSettings, job: JobRecord) -> TileScores:
             status.HTTP_410_GONE, detail=f"job {job.id}'s results are no longer on the server"
         )
     return TileScores.load(path)
+
+
+def _render_png(settings: ServiceSettings, job: JobRecord, options: HeatmapOptions) -> bytes:
+    scores = _scores(settings, job)
+    paths = JobPaths(settings.data_dir, job.id)
+    thumbnail = (
+        Image.open(paths.thumbnail)
+        if options.background == "thumbnail" and paths.thumbnail.is_file()
+        else None
+    )
+    mask = Image.open(paths.tissue_mask) if paths.tissue_mask.is_file() else None
+    return png_bytes(render_heatmap(scores, options, thumbnail=thumbnail, tissue_mask=mask))
 
 
 @router.get(
@@ -87,16 +123,16 @@ def _scores(settings: ServiceSettings, job: JobRecord) -> TileScores:
 def get_heatmap_png(
     job: DoneJobDep,
     settings: SettingsDep,
-    scale: ScaleQuery = "relative",
-    class_index: ClassIndex = None,
-    map_name: MapName = None,
-    cmap: CmapQuery = "jet",
+    cache: HeatmapCacheDep,
+    view: ScoreViewDep,
     alpha: Annotated[float, Query(ge=0, le=1, description="opacity of the colours")] = 0.5,
     smooth: Annotated[
-        float, Query(ge=0, le=10, description="Gaussian sigma in tiles (0: none)")
+        float,
+        Query(ge=0, le=10, description="Gaussian sigma in tiles (0: none; capped by the service)"),
     ] = 0.0,
     max_size: Annotated[
-        int, Query(ge=64, le=4096, description="longer side of the PNG in pixels")
+        int,
+        Query(ge=64, le=8192, description="longer side of the PNG in pixels (capped by the service)"),
     ] = 2048,
     background: Annotated[
         Literal["thumbnail", "none"],
@@ -104,31 +140,30 @@ def get_heatmap_png(
     ] = "thumbnail",
 ) -> Response:
     """The PNG spans level-0 `[0, W) x [0, H)` exactly (`X-Level0-Size`), so it can be laid over
-    the slide at x = 0, width = W; colour is drawn only on tissue."""
-    scores = _scores(settings, job)
-    paths = JobPaths(settings.data_dir, job.id)
+    the slide at x = 0, width = W; colour is drawn only on tissue. `max_size` and `smooth` are
+    honoured up to `WSI_MIL_HEATMAP_MAX_SIZE` and `WSI_MIL_HEATMAP_MAX_SMOOTH`; a repeated request
+    is answered from memory."""
     options = HeatmapOptions(
-        scale=scale,
-        map_name=map_name,
-        class_index=class_index,
-        cmap=cmap,
+        scale=view.scale,
+        map_name=view.map_name,
+        class_index=view.class_index,
+        cmap=view.cmap,
         alpha=alpha,
-        smooth_tiles=smooth,
-        max_size=max_size,
+        smooth_tiles=min(smooth, settings.heatmap_max_smooth),
+        max_size=min(max_size, settings.heatmap_max_size),
         background=background,
     )
-    thumbnail = (
-        Image.open(paths.thumbnail)
-        if options.background == "thumbnail" and paths.thumbnail.is_file()
-        else None
-    )
-    mask = Image.open(paths.tissue_mask) if paths.tissue_mask.is_file() else None
-    image = render_heatmap(scores, options, thumbnail=thumbnail, tissue_mask=mask)
+    key = (job.id, options)
+    image = cache.get(key)
+    if image is None:
+        image = _render_png(settings, job, options)
+        cache.put(key, image)
+    result = job.result or {}
     return Response(
-        png_bytes(image),
+        image,
         media_type="image/png",
         headers={
-            "X-Level0-Size": f"{scores.slide_width},{scores.slide_height}",
+            "X-Level0-Size": f"{result.get('slide_width')},{result.get('slide_height')}",
             "Cache-Control": "private, max-age=300",
         },
     )
@@ -140,22 +175,17 @@ def get_heatmap_png(
     responses=_NOT_READY,
 )
 def get_heatmap_legend(
-    job: DoneJobDep,
-    settings: SettingsDep,
-    scale: ScaleQuery = "relative",
-    class_index: ClassIndex = None,
-    map_name: MapName = None,
-    cmap: CmapQuery = "jet",
+    job: DoneJobDep, settings: SettingsDep, view: ScoreViewDep
 ) -> HeatmapLegendPublic:
     """What `heatmap.png` with the same options paints in which colour, for a viewer's legend."""
-    values, label = _scores(settings, job).select(map_name, class_index)
-    ticks = scale_legend(values, scale)
+    values, label = _scores(settings, job).select(view.map_name, view.class_index)
+    ticks = scale_legend(values, view.scale)
     return HeatmapLegendPublic(
         job_id=job.id,
         score=label,
-        scale=scale,
-        cmap=cmap,
-        colors=legend_colors(cmap, scale),
+        scale=view.scale,
+        cmap=view.cmap,
+        colors=legend_colors(view.cmap, view.scale),
         ticks=[LegendTickPublic(position=t.position, value=t.value, label=t.label) for t in ticks],
     )
 

@@ -18,7 +18,7 @@ from wsi_mil.service.job_store import JobRecord, JobState, JobStore, new_job_id
 from wsi_mil.service.model_registry import ModelRegistry
 from wsi_mil.service.observability import request_id_var
 from wsi_mil.service.schemas import ErrorPublic, JobCreate, JobPublic, JobResultPublic, JobsPublic
-from wsi_mil.service.uploads import receive_form, resolve_slide_path
+from wsi_mil.service.uploads import printable_name, receive_form, resolve_slide_path
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -62,6 +62,32 @@ _REQUEST_BODY = {
         "application/x-www-form-urlencoded": {"schema": _URLENCODED_SCHEMA},
     },
 }
+
+
+#: operations on one job, by the names their OpenAPI links carry
+JOB_OPERATIONS = {
+    "GetJob": "jobs-get_job",
+    "CancelJob": "jobs-cancel_job",
+    "DeleteJob": "jobs-delete_job",
+    "GetHeatmapPng": "heatmaps-get_heatmap_png",
+    "GetHeatmapLegend": "heatmaps-get_heatmap_legend",
+    "GetHeatmapGeojson": "heatmaps-get_heatmap_geojson",
+    "GetScores": "heatmaps-get_scores",
+    "ListTopTiles": "heatmaps-list_top_tiles",
+    "GetTopTilePng": "heatmaps-get_top_tile_png",
+    "GetDzi": "viewer-get_dzi",
+    "GetDziTile": "viewer-get_dzi_tile",
+    "GetViewer": "viewer-get_viewer",
+}
+
+
+def job_openapi_links(job_id: str) -> dict[str, dict[str, object]]:
+    """OpenAPI links from a response naming a job (`job_id`: where in the response its id is) to
+    every operation on that job, for generated clients and stateful API tests."""
+    return {
+        name: {"operationId": operation, "parameters": {"job_id": job_id}}
+        for name, operation in JOB_OPERATIONS.items()
+    }
 
 
 def _time(value: float | None) -> datetime | None:
@@ -180,6 +206,7 @@ async def _job_from_body(
     summary="Start a slide job (upload a slide, or name one under the slide root)",
     openapi_extra={"requestBody": _REQUEST_BODY},
     responses={
+        202: {"links": job_openapi_links("$response.body#/id")},
         400: {
             "model": ErrorPublic,
             "description": "bad slide_path (outside the slide root, `..`, no such file)",
@@ -246,7 +273,7 @@ async def create_job(
             job_id=job_id,
             model=model,
             slide_path=slide_path,
-            slide_name=slide_name[:512],
+            slide_name=printable_name(slide_name),
             source=source,
             mpp_override=mpp,
             request_id=request_id_var.get(),
@@ -259,7 +286,11 @@ async def create_job(
     return job_public(job)
 
 
-@router.get("", summary="List jobs, newest first")
+@router.get(
+    "",
+    summary="List jobs, newest first",
+    responses={200: {"links": job_openapi_links("$response.body#/data/0/id")}},
+)
 def list_jobs(
     store: StoreDep,
     state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
@@ -274,7 +305,10 @@ def list_jobs(
 @router.get(
     "/{job_id}",
     summary="A job's state, progress, failure reason or result",
-    responses={404: {"model": ErrorPublic, "description": "no such job (or it expired)"}},
+    responses={
+        200: {"links": job_openapi_links("$response.body#/id")},
+        404: {"model": ErrorPublic, "description": "no such job (or it expired)"},
+    },
 )
 def get_job(job: JobDep) -> JobPublic:
     """One job; poll it until `state` is done, failed or cancelled."""

@@ -13,6 +13,7 @@ from wsi_mil.errors import UnknownModelError
 from wsi_mil.inference.heatmaps import top_tiles
 from wsi_mil.inference.loading import LoadedModel
 from wsi_mil.inference.predict import predict_features
+from wsi_mil.preprocessing.feature_file import FeatureLimits
 from wsi_mil.service.deps import MetricsDep, RegistryDep, SettingsDep
 from wsi_mil.service.schemas import (
     ErrorPublic,
@@ -57,8 +58,10 @@ def form_int(fields: dict[str, str], name: str, *, default: int, low: int, high:
     return value
 
 
-def _predict_file(name: str, model: LoadedModel, upload: ReceivedFile, top_k: int) -> PredictionPublic:
-    result = predict_features(upload.path, model, source=repr(upload.filename))
+def _predict_file(
+    name: str, model: LoadedModel, upload: ReceivedFile, top_k: int, limits: FeatureLimits
+) -> PredictionPublic:
+    result = predict_features(upload.path, model, source=repr(upload.filename), limits=limits)
     prediction, coords = result.prediction, result.coords
     size = result.tile_size_level0
     ranked = top_tiles(prediction.attention, top_k)
@@ -133,7 +136,9 @@ async def create_prediction(
             model = registry.get(model_name)
         except UnknownModelError as err:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(err)) from err
-        result = await run_in_threadpool(_predict_file, model_name, model, upload, top_k)
+        result = await run_in_threadpool(
+            _predict_file, model_name, model, upload, top_k, settings.feature_limits
+        )
         metrics.predictions.labels(model_name).inc()
         return result
     finally:

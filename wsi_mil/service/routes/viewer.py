@@ -55,7 +55,7 @@ def get_dzi(job: JobDep, deepzoom: DeepZoomDep) -> Response:
 
 
 @tiles_router.get(
-    "/{job_id}/dzi_files/{level}/{col}_{row}.jpeg",
+    "/{job_id}/dzi_files/{level:int}/{col:int}_{row:int}.jpeg",
     summary="One Deep Zoom tile",
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}, "description": "the tile"}, **_TILE_ERRORS},
@@ -67,7 +67,8 @@ def get_dzi_tile(
     col: Annotated[int, Path(ge=0, le=10_000_000)],
     row: Annotated[int, Path(ge=0, le=10_000_000)],
 ) -> Response:
-    """One JPEG tile; 404 for a level or address outside the pyramid."""
+    """One JPEG tile; 404 for a level or address outside the pyramid, and for any name other
+    than `<col>_<row>.jpeg` in decimal digits."""
     try:
         tile = _deepzoom(job, deepzoom).tile_jpeg(level, (col, row))
     except TileNotFoundError as err:
