@@ -68,7 +68,7 @@ def test_same_seed_same_result_other_seed_other_result(data):
 
 
 @pytest.mark.parametrize(
-    ("method", "batch_size"), [("plain", 1), ("aem", 1), ("plain", 4), ("packmil", 4)]
+    ("method", "batch_size"), [("plain", 1), ("aem", 1), ("plain", 4), ("packmil", 4), ("scmil", 4)]
 )
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, data, method, batch_size):
     train, val, _ = data
@@ -114,7 +114,7 @@ def test_per_bag_and_padded_steps_train_the_same_model(data):
     assert per_bag.history[-1]["train_loss"] == pytest.approx(padded.history[-1]["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["plain", "packmil"])
+@pytest.mark.parametrize("method", ["plain", "packmil", "scmil"])
 def test_prefetching_and_the_cache_do_not_change_a_single_bit(data, method):
     train, val, _ = data
     config = _config(epochs=2, batch_size=4, max_instances=12)
