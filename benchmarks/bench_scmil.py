@@ -59,6 +59,8 @@ TEST_SETS = ("id", "ood_shift", "ood_witness")
 METRICS = ("balanced_accuracy", "f1_macro", "minority_recall", "roc_auc", "knn5_accuracy")
 MODEL_KWARGS = {"hidden_dim": 128, "attention_dim": 64, "dropout": 0.1, "attention_dropout": 0.1}
 #: `subtype_bags` settings; witness rate, separation and slide offset can be changed from the command line
+#: options that change what one run measures: a resumed file must share them
+RUN_SETTINGS = ("majority", "test_per_class", "epochs", "lr", "batch_size")
 COHORT = {"dim": 32, "witness_rate": 0.1, "separation": 2.5, "slide_offset_sd": 0.25, "min_size": 50, "max_size": 200}
 
 
@@ -207,8 +209,9 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     if args.resume and args.out.exists():
         saved = json.loads(args.out.read_text())
-        if saved["protocol"]["cohort"] != cohort or saved["protocol"]["model_kwargs"] != MODEL_KWARGS:
-            raise SystemExit(f"{args.out} was measured with another cohort or model; choose another --out")
+        changed = [key for key in (*RUN_SETTINGS, "cohort", "model_kwargs") if saved["protocol"][key] != protocol[key]]
+        if changed:
+            raise SystemExit(f"{args.out} was measured with other {', '.join(changed)}; choose another --out")
         runs = saved["runs"]
     done = {(r["ratio"], r["seed"], r["arm"]) for r in runs}
     common = {"majority": args.majority, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
