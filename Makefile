@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test test-slow docker-smoke lint bench-preprocess bench-models bench-service bench-training bench-mil mil-checks uv
+.PHONY: demo test test-slow docker-smoke lint bench-preprocess bench-models bench-service bench-training bench-mil bench-scmil mil-checks uv
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
@@ -42,6 +42,9 @@ bench-training: uv
 
 bench-mil: uv
 	$(UV) run --locked python benchmarks/bench_mil_benchmarks.py
+
+bench-scmil: uv
+	$(UV) run --locked python benchmarks/bench_scmil.py --jobs 2
 
 bench-service: uv
 	$(UV) run --locked python benchmarks/bench_service.py

@@ -17,13 +17,18 @@ defaults. The folds of all (dataset, model) cells run in one worker pool, repeti
 only complete repetitions enter a cell's mean, so a cut-short run still gives every cell the same
 protocol. `--cuda-models` names the models that train on the GPU (the sequence and transformer
 models, whose steps are slow on one CPU thread); the rest train on one CPU thread per worker.
+`--method` trains every cell with another training method (`--method-kwargs` as JSON), with
+`--batch-size`, `--balance` and `--min-epochs` for methods that need several bags per step (SC-MIL);
+such cells are named `<model>+<method>` (and `@b<batch size>` when it is not 1), so their results
+merge beside the plain cells.
 
 Part 2, digits bags (sklearn's 8×8 digits; `wsi_mil.training.benchmarks_data.digits_bag_sets`):
 test AUC on 1000 test bags against the number of training bags, mean bag size 10, positive iff a
 9 is in the bag, for attention and gated attention; a validation set of a fifth of the training
 bags (extra bags from the training pool) picks the epoch.
 
-The JSON (`--out`) is rewritten after every fold, so an interrupted run keeps what it measured.
+The JSON (`--out`) is rewritten after every fold, so an interrupted run keeps what it measured;
+`--resume` continues it, skipping the folds that file already holds.
 `--first-repetition` adds repetitions to an earlier run, and `--merge A.json B.json ...` prints one
 table (mean ± sd over the complete repetitions, their count in brackets) from several runs.
 """
@@ -51,6 +56,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 import wsi_mil.models
+from wsi_mil.atomic import write_text_atomic
 from wsi_mil.models import create_model, list_models
 from wsi_mil.training.benchmarks_data import (
     BENCHMARK_DATASETS,
@@ -87,12 +93,20 @@ def model_spec(name: str) -> tuple[str, dict[str, Any]]:
     return NAMED_MODELS.get(name, (name, {}))
 
 
-def train_config(epochs: int, seed: int, device: str = "cpu") -> TrainConfig:
+def train_config(
+    epochs: int, seed: int, device: str = "cpu", *, batch_size: int = 1, balance: str = "none", min_epochs: int = 0
+) -> TrainConfig:
     """Ilse et al.'s optimiser (Adam, lr 5e-4, wd 1e-4), early stopping on the validation loss."""
     return TrainConfig(
         optimizer="adam", lr=5e-4, weight_decay=1e-4, epochs=epochs, patience=10, selection_metric="loss",
-        seed=seed, device=device, batch_size=1, deterministic=device == "cpu",
+        seed=seed, device=device, batch_size=batch_size, balance=balance, min_epochs=min_epochs,
+        deterministic=device == "cpu",
     )
+
+
+def cell_name(model: str, method: str, batch_size: int) -> str:
+    """A classic cell's name: the model, `+<method>` unless plain, `@b<batch size>` unless 1."""
+    return model + ("" if method == "plain" else f"+{method}") + ("" if batch_size == 1 else f"@b{batch_size}")
 
 
 def run_fold(task: dict[str, Any]) -> dict[str, Any]:
@@ -114,12 +128,14 @@ def run_fold(task: dict[str, Any]) -> dict[str, Any]:
     model = create_model(registry_name, train[0].features.shape[1], 2, **kwargs)
     started = time.perf_counter()
     device = task.get("device", "cpu")
-    config = train_config(task["epochs"], seed, device)
-    result = fit(model, create_method("plain"), train, val, config=config, num_classes=2)
+    config = train_config(task["epochs"], seed, device, batch_size=task.get("batch_size", 1),
+                          balance=task.get("balance", "none"), min_epochs=task.get("min_epochs", 0))
+    method = create_method(task.get("method", "plain"), **task.get("method_kwargs", {}))
+    result = fit(model, method, train, val, config=config, num_classes=2)
     model.load_state_dict(result.best_state)
     predictions = predict_bags(model, test, device=device)
     return {
-        "dataset": task["dataset"], "model": task["model"], "device": device, "rep": rep, "fold": fold, "correct": int((predictions.probs.argmax(1) == predictions.labels).sum()),
+        "dataset": task["dataset"], "model": task.get("cell", task["model"]), "device": device, "rep": rep, "fold": fold, "correct": int((predictions.probs.argmax(1) == predictions.labels).sum()),
         "n": len(test), "epochs_run": result.epochs_run, "seconds": time.perf_counter() - started,
     }
 
@@ -225,6 +241,11 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(BENCHMARK_DATASETS))
     parser.add_argument("--models", default="attention,gated_attention,*",
                         help="comma list: attention, gated_attention, registered names; * = every other registered model")
+    parser.add_argument("--method", default="plain", help="training method of the classic cells (e.g. scmil)")
+    parser.add_argument("--method-kwargs", default="{}", help="JSON object of the method's options")
+    parser.add_argument("--batch-size", type=int, default=1, help="bags per step of the classic cells (SC-MIL needs > 1)")
+    parser.add_argument("--balance", default="none", help="none | class_weights | sampler | batches")
+    parser.add_argument("--min-epochs", type=int, default=0, help="no early stop before this many epochs")
     parser.add_argument("--repetitions", type=int, default=5, help="repetitions of 10-fold CV (max 5)")
     parser.add_argument("--first-repetition", type=int, default=0,
                         help="skip repetitions before this one (0-based), to add repetitions to an earlier run")
@@ -240,6 +261,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     parser.add_argument("--quick", action="store_true", help="1 repetition, 20 epochs, 600 s budget, digits 50/200/500 × 2")
     parser.add_argument("--merge", type=Path, nargs="+", help="print the merged classic table of these result files and exit")
+    parser.add_argument("--resume", action="store_true", help="keep the classic folds already in --out and run only the others")
     args = parser.parse_args()
     if args.merge:
         print(merged_table(args.merge))
@@ -263,13 +285,23 @@ def main() -> None:
     context = get_context("spawn")
     datasets = list(filter(None, args.datasets.split(",")))
     cuda_models = set(filter(None, args.cuda_models.split(",")))
+    method_kwargs = json.loads(args.method_kwargs)
+    create_method(args.method, **method_kwargs)  # a bad method or option fails before any fold runs
+    cells = {name: cell_name(name, args.method, args.batch_size) for name in names}
     tasks = [
-        {"dataset": dataset, "data": str(args.data), "model": name, "rep": rep, "fold": fold, "epochs": args.epochs,
-         "device": "cuda" if name in cuda_models else "cpu"}
+        {"dataset": dataset, "data": str(args.data), "model": name, "cell": cells[name], "rep": rep, "fold": fold,
+         "epochs": args.epochs, "device": "cuda" if name in cuda_models else "cpu", "method": args.method,
+         "method_kwargs": method_kwargs, "batch_size": args.batch_size, "balance": args.balance,
+         "min_epochs": args.min_epochs}
         for rep in range(args.first_repetition, args.repetitions)
         for dataset in datasets for name in names for fold in range(1, 11)
     ]
     finished: list[dict[str, Any]] = []
+    if args.resume and args.out.exists():
+        finished = json.loads(args.out.read_text()).get("classic_folds", [])
+        done_keys = {(r["dataset"], r["model"], r["rep"], r["fold"]) for r in finished}
+        tasks = [t for t in tasks if (t["dataset"], t["cell"], t["rep"], t["fold"]) not in done_keys]
+        print(f"resuming {args.out}: {len(finished)} folds kept, {len(tasks)} to run", flush=True)
 
     def write_classic(result: dict[str, Any] | None = None, skipped: int = 0) -> None:
         if result is not None:
@@ -277,14 +309,14 @@ def main() -> None:
             print(f"{result['dataset']:9s} {result['model']:16s} rep {result['rep']} fold {result['fold']:2d}: "
                   f"{result['correct']}/{result['n']} ({result['seconds']:.0f} s, {result['device']})", flush=True)
         for dataset in datasets:
-            for name in names:
+            for name in cells.values():
                 cell_results = [r for r in finished if r["dataset"] == dataset and r["model"] == name]
                 cell = summarise_classic(cell_results, 10)
                 expected = (args.repetitions - args.first_repetition) * 10
                 cell["folds_skipped"] = expected - len(cell_results) if skipped else 0
                 results["classic"].setdefault(dataset, {})[name] = cell
         results["classic_folds"] = finished
-        args.out.write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.out, json.dumps(results, indent=2))
 
     with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         started = time.monotonic()
@@ -292,7 +324,7 @@ def main() -> None:
         results["classic_seconds"] = time.monotonic() - started
         write_classic(skipped=skipped)
         for dataset in datasets:
-            for name in names:
+            for name in cells.values():
                 cell = results["classic"][dataset][name]
                 print(f"{dataset:9s} {name:16s} acc {cell['accuracy_mean']} ({cell['complete_repetitions']} reps, "
                       f"{cell['folds_run']} folds, {cell['folds_skipped']} skipped)", flush=True)
@@ -309,7 +341,7 @@ def main() -> None:
                 curve[str(size)] = {"auc_mean": statistics.mean(aucs), "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else None, "runs": len(aucs)}
             results["digits"][name] = {"curve": curve, "runs_skipped": skipped, "seconds": time.monotonic() - started}
             print(f"digits {name}: {curve} ({skipped} skipped)", flush=True)
-            args.out.write_text(json.dumps(results, indent=2))
+            write_text_atomic(args.out, json.dumps(results, indent=2))
     print(f"results: {args.out}")
 
 

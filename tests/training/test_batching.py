@@ -1,5 +1,5 @@
 """The input pipeline: padding with masks, per-bag steps, size-grouped batches, the feature store,
-prefetching, the per-bag instance cap, class weights and the balanced sampler."""
+prefetching, the per-bag instance cap, class weights, the balanced sampler and class-balanced batches."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from wsi_mil.training.batching import (
     bag_shares,
     bagwise_steps,
     balanced_sample_weights,
+    class_balanced_order,
     combine_results,
     epoch_order,
     inverse_frequency_class_weights,
@@ -77,6 +78,41 @@ def test_epoch_order_permutes_or_samples_with_weights():
     weights = balanced_sample_weights(labels, 2)
     drawn = [labels[i] for _ in range(50) for i in epoch_order(100, generator=generator, sample_weights=weights)]
     assert sum(drawn) / len(drawn) == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize(("batch_size", "grouped"), [(8, False), (8, True), (5, True), (3, False)])
+def test_class_balanced_batches_hold_every_class_equally_often(batch_size, grouped):
+    labels = [0] * 60 + [1] * 6 + [2] * 3  # 1 : 10 : 20 imbalance
+    sizes = [(7 * i) % 23 + 1 for i in range(len(labels))]
+    generator = torch.Generator().manual_seed(0)
+    order = class_balanced_order(labels, batch_size=batch_size, generator=generator, sizes=sizes if grouped else None)
+    assert len(order) == len(labels)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in batches:
+        counts = [sum(labels[i] == c for i in batch) for c in range(3)]
+        assert max(counts) - min(counts) <= 1, counts  # B // C of each, the remainder one more
+    # each class fills about a third of the epoch; minority bags repeat as evenly as possible
+    per_class = [sum(labels[i] == c for i in order) for c in range(3)]
+    assert all(abs(n - len(labels) / 3) <= len(batches) / 2 for n in per_class), per_class
+    for members in (range(60, 66), range(66, 69)):
+        repeats = [order.count(i) for i in members]
+        assert max(repeats) - min(repeats) <= 1 and min(repeats) >= 2, repeats
+    assert all(order.count(i) in (0, 1) for i in range(60))  # majority bags: a part of them, none twice
+    assert order != class_balanced_order(labels, batch_size=batch_size, generator=torch.Generator().manual_seed(1))
+
+
+def test_class_balanced_batches_grouped_by_size_pad_less():
+    labels = [i % 2 for i in range(64)]
+    sizes = [int(s) for s in torch.randint(1, 200, (64,), generator=torch.Generator().manual_seed(3))]
+
+    def padding(order: list[int]) -> int:
+        batches = [order[i : i + 8] for i in range(0, 64, 8)]
+        return sum(8 * max(sizes[i] for i in b) - sum(sizes[i] for i in b) for b in batches)
+
+    generator = torch.Generator().manual_seed(0)
+    assert padding(class_balanced_order(labels, batch_size=8, generator=generator, sizes=sizes)) < 0.5 * padding(
+        class_balanced_order(labels, batch_size=8, generator=generator)
+    )
 
 
 def test_class_weights_balance_the_loss():

@@ -14,6 +14,7 @@ from wsi_mil.training.benchmarks_data import (
     digits_bag_sets,
     load_mil_benchmark,
     standardize,
+    subtype_bags,
 )
 from wsi_mil.training.config import TrainConfig
 from wsi_mil.training.methods import create_method
@@ -102,3 +103,43 @@ def test_digits_bags_abmil_test_auc():
         train[:200], train[200:], test, epochs=6, lr=1e-3,
     )
     assert auc > 0.85
+
+
+def test_subtype_bags_hold_their_class_witnesses():
+    bags = subtype_bags([30, 10], dim=8, witness_rate=0.2, separation=3.0, min_size=40, max_size=60, seed=0)
+    assert [b.label for b in bags] == [0] * 30 + [1] * 10
+    assert all(40 <= len(b.features) <= 60 for b in bags)
+    assert len({b.slide_id for b in bags}) == 40
+    # the class-k witnesses (≈ 20% of instances, shifted by 3/√2 on axis k) lift that axis' bag mean
+    means = torch.stack([b.features.mean(dim=0) for b in bags])
+    shift = 0.2 * 3.0 / np.sqrt(2.0)
+    assert means[:30, 0].mean() == pytest.approx(shift, abs=0.1) and means[:30, 1].mean() == pytest.approx(0.0, abs=0.1)
+    assert means[30:, 1].mean() == pytest.approx(shift, abs=0.1) and means[30:, 0].mean() == pytest.approx(0.0, abs=0.1)
+    again = subtype_bags([30, 10], dim=8, witness_rate=0.2, separation=3.0, min_size=40, max_size=60, seed=0)
+    assert all(torch.equal(a.features, b.features) for a, b in zip(bags, again, strict=True))
+    offset = subtype_bags([30, 0], dim=8, slide_offset_sd=2.0, seed=1)
+    assert torch.stack([b.features.mean(dim=0) for b in offset]).std(dim=0).mean() > 1.0
+    shifted = subtype_bags([30, 0], dim=8, scanner_shift=True, seed=1)
+    plain = subtype_bags([30, 0], dim=8, seed=1)
+    assert not torch.equal(shifted[0].features, plain[0].features)
+
+
+def test_scmil_on_a_small_imbalanced_cohort():
+    """CI-sized SC-MIL run (spec §2.11): 1:10 imbalance, 66 training bags. A smoke test, not a claim:
+    SC-MIL trains, its SupCon term falls over the first half, and minority recall on a balanced test set > 0.5."""
+    cohort = {"dim": 16, "witness_rate": 0.2, "separation": 2.5, "min_size": 30, "max_size": 60}
+    train = subtype_bags([60, 6], seed=0, **cohort)
+    val = subtype_bags([10, 10], seed=1, **cohort)
+    test = subtype_bags([40, 40], seed=2, **cohort)
+    config = TrainConfig(epochs=12, lr=1e-3, batch_size=12, balance="batches", patience=None, device="cpu")
+    torch.manual_seed(0)
+    model = create_model("abmil", 16, 2, hidden_dim=32, attention_dim=16, dropout=0.0, attention_dropout=0.0)
+    terms: list[dict[str, float]] = []
+    result = fit(model, create_method("scmil"), train, val, config=config, num_classes=2,
+                 on_epoch_end=lambda report: terms.append(report.train_terms))
+    supcon = [t["supcon"] for t in terms]
+    assert supcon[5] < supcon[0], supcon
+    model.load_state_dict(result.best_state)
+    predictions = predict_bags(model, test)
+    minority_recall = (predictions.probs.argmax(1)[predictions.labels == 1] == 1).mean()
+    assert minority_recall > 0.5, minority_recall

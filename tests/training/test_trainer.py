@@ -12,7 +12,7 @@ from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models import create_model
 from wsi_mil.training.bag import Bag
 from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.methods import create_method
+from wsi_mil.training.methods import TrainingMethod, create_method
 from wsi_mil.training.metrics import classification_metrics
 from wsi_mil.training.trainer import fit, predict_bags, warmup_cosine_factor
 
@@ -68,7 +68,7 @@ def test_same_seed_same_result_other_seed_other_result(data):
 
 
 @pytest.mark.parametrize(
-    ("method", "batch_size"), [("plain", 1), ("aem", 1), ("plain", 4), ("packmil", 4)]
+    ("method", "batch_size"), [("plain", 1), ("aem", 1), ("plain", 4), ("packmil", 4), ("scmil", 4)]
 )
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, data, method, batch_size):
     train, val, _ = data
@@ -114,7 +114,7 @@ def test_per_bag_and_padded_steps_train_the_same_model(data):
     assert per_bag.history[-1]["train_loss"] == pytest.approx(padded.history[-1]["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["plain", "packmil"])
+@pytest.mark.parametrize("method", ["plain", "packmil", "scmil"])
 def test_prefetching_and_the_cache_do_not_change_a_single_bit(data, method):
     train, val, _ = data
     config = _config(epochs=2, batch_size=4, max_instances=12)
@@ -175,6 +175,24 @@ def test_options_train(data, options):
     _, result = _fit(_config(epochs=2, **options), train, val)
     assert result.epochs_run == 2
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_balanced_batches_reach_the_method_class_balanced(data):
+    """`balance: batches` on a 1:6 training set: every padded step the method sees holds both classes equally."""
+    train, val, _ = data
+    imbalanced = [bag for bag in train if bag.label == 0] + [bag for bag in train if bag.label == 1][:3]
+    seen: list[list[int]] = []
+
+    class Spy(TrainingMethod):
+        def compute_loss(self, model, batch, *, progress):
+            seen.append(batch.labels.tolist())
+            return super().compute_loss(model, batch, progress=progress)
+
+    config = _config(epochs=2, batch_size=6, balance="batches", batch_execution="padded")
+    torch.manual_seed(0)
+    fit(create_model("abmil", 8, 2, **SMALL_ABMIL), Spy(), imbalanced, val, config=config, num_classes=2)
+    assert len(seen) == 2 * math.ceil(len(imbalanced) / 6)
+    assert all(labels.count(0) == labels.count(1) for labels in seen if len(labels) % 2 == 0)
 
 
 def test_acmil_trains_through_its_aux_losses(data):

@@ -292,3 +292,55 @@ class EpochBags(Sequence[Bag]):
         generator = torch.Generator().manual_seed(self.seeds[index])
         keep = random_instance_subset(num_instances, self.max_instances, generator)
         return Bag(bag.features[keep], bag.label, bag.slide_id)
+
+
+def class_balanced_order(
+    labels: Sequence[int],
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    sizes: Sequence[int] | None = None,
+    group_batches: int = GROUP_BATCHES,
+) -> list[int]:
+    """One epoch of `len(labels)` bag indices whose consecutive `batch_size` chunks are class-balanced.
+
+    Each batch holds `batch_size // C` bags of each of the C classes present, and one more of
+    `batch_size % C` classes drawn at random per batch (the one smaller last batch likewise). Each
+    class's bags come in a fresh random order, cycling when used up, so minority bags repeat within
+    an epoch as evenly as possible. With `sizes`, each group of `group_batches` batches hands every
+    class's bags out in order of size (batch k of the group gets the k-th smallest share of each
+    class), and the full batches are shuffled with the smaller one last, as `size_grouped_order`.
+    """
+    present = sorted(set(labels))
+    by_class = {c: [i for i, label in enumerate(labels) if label == c] for c in present}
+    queues: dict[int, list[int]] = {c: [] for c in present}
+
+    def draw(c: int, count: int) -> list[int]:
+        while len(queues[c]) < count:
+            queues[c] += [by_class[c][i] for i in torch.randperm(len(by_class[c]), generator=generator).tolist()]
+        taken, queues[c] = queues[c][:count], queues[c][count:]
+        return taken
+
+    total = len(labels)
+    lengths = [min(batch_size, total - start) for start in range(0, total, batch_size)]
+    quotas = []  # per batch, how many bags of each class
+    for length in lengths:
+        extra = set(torch.randperm(len(present), generator=generator)[: length % len(present)].tolist())
+        quotas.append({c: length // len(present) + (k in extra) for k, c in enumerate(present)})
+    batches: list[list[int]] = []
+    span = group_batches if sizes is not None else 1
+    for start in range(0, len(quotas), span):
+        group = quotas[start : start + span]
+        members = {c: draw(c, sum(q[c] for q in group)) for c in present}
+        if sizes is not None:
+            members = {c: sorted(drawn, key=lambda index: sizes[index]) for c, drawn in members.items()}
+        for quota in group:
+            batch = []
+            for c in present:
+                batch += members[c][: quota[c]]
+                members[c] = members[c][quota[c] :]
+            batches.append(batch)
+    if sizes is not None:
+        last = [batches.pop()] if len(batches[-1]) < batch_size else []
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + last
+    return [index for batch in batches for index in batch]

@@ -192,3 +192,46 @@ def write_feature_cohort(
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "case_id"])
         writer.writerows(rows)
+
+
+def subtype_bags(
+    class_counts: Sequence[int],
+    *,
+    dim: int = 32,
+    witness_rate: float = 0.1,
+    separation: float = 1.5,
+    slide_offset_sd: float = 0.0,
+    min_size: int = 100,
+    max_size: int = 400,
+    scanner_shift: bool = False,
+    seed: int = 0,
+    prefix: str = "subtype",
+) -> list[Bag]:
+    """Bags of a subtyping-like task (every class has its own morphology), for imbalance benchmarks.
+
+    `class_counts[k]` bags of class k, bag size uniform in [min_size, max_size]. Background instances
+    ~ N(0, I_dim); a bag of class k holds `max(1, round(witness_rate · N))` witnesses ~ N(μ_k, I),
+    with `μ_k = separation / √2 · e_k` (orthogonal, so `‖μ_j − μ_k‖ = separation`): a single
+    witness is only weakly told from background or from another class's witness. Every bag gets
+    its own offset ~ N(0, slide_offset_sd² I) on all its instances (slide-to-slide variation), so
+    the bag mean alone is a poor feature. `scanner_shift` applies a per-bag affine change
+    `x' = a x + b`, `a ~ U(0.8, 1.2)`, `b ~ N(0, 0.5² I)`, like a stain or scanner shift (an
+    out-of-distribution test set). Bags come in class order; labels are 0..K−1.
+    """
+    if len(class_counts) > dim:
+        raise ValueError(f"{len(class_counts)} classes need dim ≥ {len(class_counts)}, got {dim}")
+    rng = np.random.default_rng(seed)
+    bags = []
+    for label, count in enumerate(class_counts):
+        center = np.zeros(dim, dtype=np.float32)
+        center[label] = separation / np.sqrt(2.0)
+        for _ in range(count):
+            size = int(rng.integers(min_size, max_size + 1))
+            features = rng.standard_normal((size, dim)).astype(np.float32)
+            witnesses = max(1, round(witness_rate * size))
+            features[rng.choice(size, witnesses, replace=False)] += center
+            features += slide_offset_sd * rng.standard_normal(dim).astype(np.float32)
+            if scanner_shift:
+                features = rng.uniform(0.8, 1.2) * features + 0.5 * rng.standard_normal(dim).astype(np.float32)
+            bags.append(Bag(torch.from_numpy(features), label, f"{prefix}_{len(bags):05d}"))
+    return bags

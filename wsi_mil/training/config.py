@@ -41,7 +41,7 @@ class TrainConfig(BaseModel):
     # model and method
     model: str = Field(default="abmil", description="registered model name (--model)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    method: str = Field(default="plain", description="training method: plain, aem, acmil, mhim, packmil (--method)")
+    method: str = Field(default="plain", description="training method: plain, aem, acmil, mhim, packmil, scmil (--method)")
     method_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     # optimisation
@@ -69,8 +69,10 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(default=0.0, ge=0.0, description="linear warm-up before the cosine decay")
     min_lr: float = Field(default=0.0, ge=0.0, description="learning rate at the end of the cosine decay")
     grad_clip_norm: float | None = Field(default=None, gt=0.0, description="max global gradient norm; None = off")
-    balance: Literal["none", "class_weights", "sampler"] = Field(
-        default="none", description="class-weighted loss or class-balanced sampling of training bags"
+    balance: Literal["none", "class_weights", "sampler", "batches"] = Field(
+        default="none",
+        description="class-weighted loss, class-balanced sampling of training bags, or batches that each "
+        "hold every class equally often (batches)",
     )
     amp: bool = Field(default=True, description="mixed precision (bfloat16 autocast) on CUDA; ignored on CPU")
 

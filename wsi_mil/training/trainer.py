@@ -2,9 +2,9 @@
 bags, and can resume from its last checkpoint; `predict_bags` runs a model over bags.
 
 Optimisation: AdamW or Adam, linear warm-up then half-cosine decay per step, optional gradient
-clipping, bfloat16 autocast on CUDA only, class-weighted loss or class-balanced sampling. Model
-selection and early stopping use a validation metric only; `fit` never sees test bags. Anything
-method-specific (extra losses, teachers, packing) goes through the `TrainingMethod` hooks.
+clipping, bfloat16 autocast on CUDA only, class-weighted loss, class-balanced sampling or
+class-balanced batches. Model selection and early stopping use a validation metric only; `fit`
+never sees test bags. Anything method-specific (extra losses, teachers, packing) goes through the `TrainingMethod` hooks.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from wsi_mil.training.batching import (
     bag_shares,
     bagwise_steps,
     balanced_sample_weights,
+    class_balanced_order,
     combine_results,
     epoch_order,
     inverse_frequency_class_weights,
@@ -213,11 +214,11 @@ class _Trainer:
         method.device, method.per_bag = self.device, self.per_bag
         self.steps_per_epoch = math.ceil(len(train_bags) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
-        train_labels = [bag_label(train_bags, i) for i in range(len(train_bags))]
+        self.train_labels = [bag_label(train_bags, i) for i in range(len(train_bags))]
         if config.balance == "class_weights":
-            method.class_weights = inverse_frequency_class_weights(train_labels, num_classes)
+            method.class_weights = inverse_frequency_class_weights(self.train_labels, num_classes)
         self.sample_weights = (
-            balanced_sample_weights(train_labels, num_classes) if config.balance == "sampler" else None
+            balanced_sample_weights(self.train_labels, num_classes) if config.balance == "sampler" else None
         )
         method.attach(self.model, total_steps=self.total_steps)
         for module in method.extra_modules():
@@ -290,11 +291,16 @@ class _Trainer:
         its only user during the epoch), so steps are the same with or without prefetching.
         """
         config = self.config
-        order = epoch_order(len(self.train_bags), generator=self.generator, sample_weights=self.sample_weights)
+        sizes = None
         if config.group_by_size and config.batch_size > 1:
             cap = config.max_instances or math.inf
             sizes = [min(bag_size(self.train_bags, i), cap) for i in range(len(self.train_bags))]
-            order = size_grouped_order(order, sizes, batch_size=config.batch_size, generator=self.generator)
+        if config.balance == "batches":
+            order = class_balanced_order(self.train_labels, batch_size=config.batch_size, generator=self.generator, sizes=sizes)
+        else:
+            order = epoch_order(len(self.train_bags), generator=self.generator, sample_weights=self.sample_weights)
+            if sizes is not None:
+                order = size_grouped_order(order, sizes, batch_size=config.batch_size, generator=self.generator)
         epoch_bags = EpochBags(self.train_bags, order, max_instances=config.max_instances, generator=self.generator)
         steps = self.method.make_batches(epoch_bags, batch_size=config.batch_size, generator=self.generator)
         if steps is None and self.per_bag:

@@ -43,6 +43,18 @@ class StepResult:
     terms: dict[str, float]
 
 
+def probe_output(model: MILModel) -> MILOutput:
+    """One eval-mode, no-grad forward of a 2-instance bag of zeros, to check what the model returns."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, 2, model.in_dim, device=device), torch.ones(1, 2, dtype=torch.bool, device=device))
+    finally:
+        model.train(was_training)
+
+
 class TrainingMethod:
     """Base method = plain supervised MIL: the model's bag loss (`MILModel.bag_loss`, cross-entropy
     unless the model overrides it) + the model's own auxiliary losses.

@@ -49,7 +49,7 @@ from torch import nn
 from wsi_mil.errors import TrainingConfigError
 from wsi_mil.models.base import MILModel, MILOutput
 from wsi_mil.models.layers import masked_softmax, xavier_init_
-from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod
+from wsi_mil.training.methods.base import Batch, StepResult, TrainingMethod, probe_output
 from wsi_mil.training.methods.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class MHIMMethod(TrainingMethod):
 
     def attach(self, model: MILModel, *, total_steps: int) -> None:
         """Check the model's output, build the teacher (deep copy or `teacher_init`) and the recycle network."""
-        probe = self._probe(model)
+        probe = probe_output(model)
         if probe.embedding is None:
             raise TrainingConfigError(
                 f"MHIM needs a bag embedding for its consistency loss, but {type(model).__name__} returns "
@@ -392,18 +392,6 @@ class MHIMMethod(TrainingMethod):
         if self.version == "v2" and self.recycle_tokens > 0:
             device = next(model.parameters()).device
             self.recycle = RecycleNetwork(model.in_dim, num_tokens=self.recycle_tokens, momentum=self.recycle_momentum).to(device)
-
-    @staticmethod
-    def _probe(model: MILModel) -> MILOutput:
-        """One eval-mode forward of a 2-instance bag of zeros, to check what the model returns."""
-        was_training = model.training
-        device = next(model.parameters()).device
-        model.eval()
-        try:
-            with torch.no_grad():
-                return model(torch.zeros(1, 2, model.in_dim, device=device), torch.ones(1, 2, dtype=torch.bool, device=device))
-        finally:
-            model.train(was_training)
 
     def extra_modules(self) -> list[nn.Module]:
         return [self.recycle] if self.recycle is not None else []
