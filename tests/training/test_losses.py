@@ -65,7 +65,7 @@ def test_supcon_with_keys_and_a_queue_excludes_self_and_empty_slots():
     # two empty queue slots (any values, any labels) change nothing
     junk = [(0.3, 0.95), (-0.2, -0.98)]
     valid = torch.tensor([True] * 6 + [False, False])
-    assert supcon(z + junk, labels + [1, 0], 2, 0.5, valid=valid) == pytest.approx(1.211060, abs=1e-6)
+    assert supcon(z + junk, [*labels, 1, 0], 2, 0.5, valid=valid) == pytest.approx(1.211060, abs=1e-6)
     # each anchor's own key is its positive even without a queue: never a division by zero
     assert supcon(anchors + keys, [1, 0, 1, 0], 2, 0.5) == pytest.approx(
         sum(reference_supcon(anchors + keys, [1, 0, 1, 0], 2, 0.5)) / 2, abs=1e-6)
