@@ -15,7 +15,8 @@ defaults. The folds of all (dataset, model) cells run in one worker pool, repeti
 (every cell's repetition 1, then every cell's repetition 2, ...), under one time budget
 (`--time-budget`): no fold starts after it (running folds finish), skipped folds are counted, and
 only complete repetitions enter a cell's mean, so a cut-short run still gives every cell the same
-protocol. `--cuda-models` names the models that train on the GPU (the sequence and transformer
+protocol. A model may name its training method after a colon (`--models ins:ins` trains the `ins`
+model with `--method ins`; default `plain`). `--cuda-models` names the models that train on the GPU (the sequence and transformer
 models, whose steps are slow on one CPU thread); the rest train on one CPU thread per worker.
 
 Part 2, digits bags (sklearn's 8×8 digits; `wsi_mil.training.benchmarks_data.digits_bag_sets`):
@@ -83,8 +84,14 @@ def import_model_families() -> None:
 
 
 def model_spec(name: str) -> tuple[str, dict[str, Any]]:
-    """Registry name and keyword arguments of a benchmark model name."""
+    """Registry name and keyword arguments of a benchmark model name (without its `:method`)."""
+    name = name.partition(":")[0]
     return NAMED_MODELS.get(name, (name, {}))
+
+
+def method_of(name: str) -> str:
+    """The training method of a benchmark model name: what follows its colon, else `plain`."""
+    return name.partition(":")[2] or "plain"
 
 
 def train_config(epochs: int, seed: int, device: str = "cpu") -> TrainConfig:
@@ -115,7 +122,7 @@ def run_fold(task: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     device = task.get("device", "cpu")
     config = train_config(task["epochs"], seed, device)
-    result = fit(model, create_method("plain"), train, val, config=config, num_classes=2)
+    result = fit(model, create_method(method_of(task["model"])), train, val, config=config, num_classes=2)
     model.load_state_dict(result.best_state)
     predictions = predict_bags(model, test, device=device)
     return {
@@ -134,7 +141,8 @@ def run_digits(task: dict[str, Any]) -> dict[str, Any]:
     registry_name, kwargs = model_spec(task["model"])
     torch.manual_seed(seed)
     model = create_model(registry_name, 64, 2, **kwargs)
-    result = fit(model, create_method("plain"), train[:size], train[size:], config=train_config(task["epochs"], seed), num_classes=2)
+    result = fit(model, create_method(method_of(task["model"])), train[:size], train[size:],
+                 config=train_config(task["epochs"], seed), num_classes=2)
     model.load_state_dict(result.best_state)
     predictions = predict_bags(model, test)
     return {"size": size, "seed": seed, "auc": classification_metrics(predictions.labels, predictions.probs)["roc_auc_macro"]}
