@@ -1,13 +1,14 @@
 """Attention localisation on the demo cohort: instance-level AUC of each model's attention for the
 tiles of the known lesion, every slide scored by the fold model that held it out.
 
-    uv run --locked python benchmarks/bench_localisation.py [--slides 16] [--models abmil,dsmil,...]
+    uv run --locked python benchmarks/bench_localisation.py [--slides 16] [--models abmil,dsmil,ins:ins,...]
 
 The cohort is `wsi_mil.demo`'s synthetic slides (half carry a lesion box of dense, large nuclei),
 preprocessed as `make demo` does (`preprocess_demo`: random encoder weights, recorded as such), then
 trained per model with the demo's settings (k-fold, Adam-W lr 1e-3, 30 epochs, no early stop).
 A tile is positive when half its area lies in the lesion box. "attention in lesion" is the share
-of the attention mass on lesion tiles; chance is the lesion's share of the tiles.
+of the attention mass on lesion tiles; chance is the lesion's share of the tiles. A model may name
+its training method after a colon (`ins:ins` = `--model ins --method ins`; default `plain`).
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def main() -> None:
         "models": {},
     }
     for name in filter(None, args.models.split(",")):
-        run_dir = args.work / f"run_{name}"
+        model, _, method = name.partition(":")
+        run_dir = args.work / f"run_{name.replace(':', '_')}"
         train_config = TrainConfig(
-            features_dir=features_dir, labels_csv=args.work / "slides" / "labels.csv", model=name,
+            features_dir=features_dir, labels_csv=args.work / "slides" / "labels.csv", model=model,
+            method=method or "plain",
             folds=args.folds, epochs=args.epochs, lr=1e-3, patience=None, bootstrap_samples=0, seed=args.seed,
         )
         model_started = time.perf_counter()

@@ -20,7 +20,9 @@ models, whose steps are slow on one CPU thread); the rest train on one CPU threa
 `--method` trains every cell with another training method (`--method-kwargs` as JSON), with
 `--batch-size`, `--balance` and `--min-epochs` for methods that need several bags per step (SC-MIL);
 such cells are named `<model>+<method>` (and `@b<batch size>` when it is not 1), so their results
-merge beside the plain cells.
+merge beside the plain cells. A model may name its own method after a colon, which wins over
+`--method` (`--models abmil,ins:ins` trains `abmil` with `--method` and the `ins` model with the
+`ins` method; that cell is named `ins:ins`).
 
 Part 2, digits bags (sklearn's 8×8 digits; `wsi_mil.training.benchmarks_data.digits_bag_sets`):
 test AUC on 1000 test bags against the number of training bags, mean bag size 10, positive iff a
@@ -89,8 +91,14 @@ def import_model_families() -> None:
 
 
 def model_spec(name: str) -> tuple[str, dict[str, Any]]:
-    """Registry name and keyword arguments of a benchmark model name."""
+    """Registry name and keyword arguments of a benchmark model name (without its `:method`)."""
+    name = name.partition(":")[0]
     return NAMED_MODELS.get(name, (name, {}))
+
+
+def method_of(name: str, default: str = "plain") -> str:
+    """The training method of a benchmark model name: what follows its colon, else `default`."""
+    return name.partition(":")[2] or default
 
 
 def train_config(
@@ -130,7 +138,7 @@ def run_fold(task: dict[str, Any]) -> dict[str, Any]:
     device = task.get("device", "cpu")
     config = train_config(task["epochs"], seed, device, batch_size=task.get("batch_size", 1),
                           balance=task.get("balance", "none"), min_epochs=task.get("min_epochs", 0))
-    method = create_method(task.get("method", "plain"), **task.get("method_kwargs", {}))
+    method = create_method(task["method"], **task.get("method_kwargs", {}))
     result = fit(model, method, train, val, config=config, num_classes=2)
     model.load_state_dict(result.best_state)
     predictions = predict_bags(model, test, device=device)
@@ -150,7 +158,8 @@ def run_digits(task: dict[str, Any]) -> dict[str, Any]:
     registry_name, kwargs = model_spec(task["model"])
     torch.manual_seed(seed)
     model = create_model(registry_name, 64, 2, **kwargs)
-    result = fit(model, create_method("plain"), train[:size], train[size:], config=train_config(task["epochs"], seed), num_classes=2)
+    result = fit(model, create_method(method_of(task["model"])), train[:size], train[size:],
+                 config=train_config(task["epochs"], seed), num_classes=2)
     model.load_state_dict(result.best_state)
     predictions = predict_bags(model, test)
     return {"size": size, "seed": seed, "auc": classification_metrics(predictions.labels, predictions.probs)["roc_auc_macro"]}
@@ -286,11 +295,13 @@ def main() -> None:
     datasets = list(filter(None, args.datasets.split(",")))
     cuda_models = set(filter(None, args.cuda_models.split(",")))
     method_kwargs = json.loads(args.method_kwargs)
-    create_method(args.method, **method_kwargs)  # a bad method or option fails before any fold runs
-    cells = {name: cell_name(name, args.method, args.batch_size) for name in names}
+    methods = {name: method_of(name, args.method) for name in names}
+    for method in set(methods.values()):  # a bad method or option fails before any fold runs
+        create_method(method, **method_kwargs)
+    cells = {name: name if ":" in name else cell_name(name, args.method, args.batch_size) for name in names}
     tasks = [
         {"dataset": dataset, "data": str(args.data), "model": name, "cell": cells[name], "rep": rep, "fold": fold,
-         "epochs": args.epochs, "device": "cuda" if name in cuda_models else "cpu", "method": args.method,
+         "epochs": args.epochs, "device": "cuda" if name in cuda_models else "cpu", "method": methods[name],
          "method_kwargs": method_kwargs, "batch_size": args.batch_size, "balance": args.balance,
          "min_epochs": args.min_epochs}
         for rep in range(args.first_repetition, args.repetitions)

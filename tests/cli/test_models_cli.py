@@ -26,6 +26,7 @@ def test_list_models_shows_every_registered_model() -> None:
     for name in list_models():
         assert name in result.output
     assert "reference" in result.output and "num_concepts=16" in result.output
+    assert "INS instance classifier" in result.output and "negative_class=0" in result.output
 
 
 def test_list_models_filters_by_pattern() -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from wsi_mil.cli import _register_commands, app
+from wsi_mil.models import create_model
 from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 
@@ -129,3 +132,37 @@ def test_missing_inputs_and_runs_are_reported(tmp_path):
     assert result.exit_code == 2 and "--features DIR --labels CSV" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+def test_ins_trains_predicts_its_instance_scores_per_tile_and_evaluates(cohort, tmp_path):
+    """`--model ins --method ins` from the example config (made small): the fold model holds only the
+    ins model, `predict` writes each tile's `instance_score`, `evaluate` recomputes the metrics."""
+    repo = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((repo / "configs" / "train" / "ins.yaml").read_text())
+    config["model_kwargs"]["hidden_dim"] = 16
+    config["method_kwargs"]["queue_size"] = 64
+    config.update(epochs=3, min_epochs=0, batch_size=4, bootstrap_samples=20)
+    (tmp_path / "ins.yaml").write_text(yaml.safe_dump(config))
+    features, labels = cohort
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--features", str(features), "--labels", str(labels), "--config",
+                                 str(tmp_path / "ins.yaml"), "--out", str(out), "--folds", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "fold_0" / "model_card.json").read_text())
+    assert (card["model_name"], card["training_method"]) == ("ins", "ins")
+    served = load_file(str(out / "fold_0" / "model.safetensors"))
+    assert set(served) == set(create_model("ins", 8, 2, **card["model_kwargs"]).state_dict())  # no head, no key encoder
+
+    result = runner.invoke(app, ["predict", str(out), str(features / "slide_01.h5"), "--fold", "0",
+                                 "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert rows and "instance_score" in rows[0]
+    scores = [float(r["instance_score"]) for r in rows]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores == pytest.approx([float(r["tile_probability_tumour"]) for r in rows], rel=1e-5)
+    assert max(scores) == pytest.approx(float(rows[0]["prob_tumour"]), rel=1e-5)  # max pooling
+
+    result = runner.invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "roc_auc_macro" in result.output

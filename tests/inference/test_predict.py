@@ -24,8 +24,8 @@ from wsi_mil.inference import (
     predict_slide,
     read_features,
 )
-from wsi_mil.inference.heatmaps import HeatmapOptions
-from wsi_mil.inference.predict import TILE_PROBABILITY
+from wsi_mil.inference.heatmaps import HeatmapOptions, TileScores, heatmap_geojson
+from wsi_mil.inference.predict import INSTANCE_SCORE, TILE_PROBABILITY
 from wsi_mil.training.bag import Bag
 from wsi_mil.training.benchmarks_data import write_feature_cohort
 
@@ -48,6 +48,26 @@ def test_instance_logits_become_per_tile_class_probabilities(model_folder, tmp_p
     assert {"attention", "tile_probability_normal", "tile_probability_tumor"} <= set(columns)
     assert all(values.shape == (7,) for values in columns.values())
     assert prediction.predicted_class in ("normal", "tumor") and prediction.fold == 0
+
+
+def test_instance_scores_become_the_instance_score_column_heatmap_and_geojson(model_folder, tmp_path: Path) -> None:
+    loaded = load_model(model_folder(tmp_path / "ins", model_name="ins", model_kwargs={"hidden_dim": 16}))
+    features = np.random.default_rng(1).normal(size=(6, 32)).astype(np.float32)
+    prediction = predict_bag(loaded, features)
+    with torch.no_grad():
+        expected = loaded.model(torch.from_numpy(features)[None]).instance_scores[0].numpy()
+    columns = prediction.tile_columns()
+    np.testing.assert_allclose(columns[INSTANCE_SCORE], expected, rtol=1e-6)
+    np.testing.assert_allclose(columns[INSTANCE_SCORE], columns["tile_probability_tumor"], rtol=1e-5)
+    scores = TileScores(np.arange(12).reshape(6, 2) * 128, 128, prediction.attention, prediction.maps,
+                        prediction.class_names, 2048, 2048)
+    values, label = scores.select(map_name=INSTANCE_SCORE)
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+    assert label == f"{INSTANCE_SCORE}[0]"
+    tile = heatmap_geojson(scores, name="s")["features"][0]["properties"]["measurements"]
+    assert tile[INSTANCE_SCORE] == pytest.approx(float(expected[0]), rel=1e-6)
+    plain = predict_bag(load_model(model_folder(tmp_path / "abmil")), features)
+    assert INSTANCE_SCORE not in plain.tile_columns()  # only models that score instances have it
 
 
 def test_a_feature_file_is_read_and_checked_in_one_place(model_folder, tmp_path: Path) -> None:

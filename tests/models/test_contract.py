@@ -25,6 +25,7 @@ SMALL_OVERRIDES: dict[str, dict[str, object]] = {
     "r2t_mil": {"hidden_dim": 16, "attention_dim": 8, "num_heads": 4, "crmsa_heads": 2, "epeg_kernel": 3, "region_num": 2},
     "mamba_mil": {"hidden_dim": 16, "attention_dim": 8, "state_dim": 4},
     "acmil": {"hidden_dim": 16, "attention_dim": 8, "num_branches": 3, "mask_top_k": 4},
+    "ins": {"hidden_dim": 16},
 }
 
 #: Parameters that may legitimately get no gradient from one training step on a batch whose
@@ -57,6 +58,8 @@ def instance_maps(output: MILOutput) -> dict[str, torch.Tensor]:
     maps = {"attention": output.attention, **{f"maps.{k}": v for k, v in output.maps.items()}}
     if output.instance_logits is not None:
         maps["instance_logits"] = output.instance_logits.transpose(1, 2)  # [B, C, N]
+    if output.instance_scores is not None:
+        maps["instance_scores"] = output.instance_scores
     if output.instance_contributions is not None:
         maps["instance_contributions"] = output.instance_contributions.transpose(1, 2)  # [B, C, N]
     return maps
@@ -89,6 +92,9 @@ def test_output_types_and_shapes(name: str, padded_batch) -> None:
         assert out.instance_logits.shape == (batch, num_instances, NUM_CLASSES)
     if out.instance_contributions is not None:
         assert out.instance_contributions.shape == (batch, num_instances, NUM_CLASSES)
+    if out.instance_scores is not None:
+        assert out.instance_scores.shape == (batch, num_instances)
+        assert ((out.instance_scores >= 0) & (out.instance_scores <= 1)).all()
     for key, value in out.extras.items():
         assert value.shape[0] == batch, key
     losses = {**out.aux_losses, **model.aux_losses(out, targets_for(batch))}

@@ -222,3 +222,20 @@ def test_prefetched_keeps_the_order_raises_the_producers_error_and_stops_early()
 
     with pytest.raises(RuntimeError, match="bad bag"):
         list(prefetched(broken(), depth=2))
+
+
+def test_instance_positions_survive_the_cap_padding_and_per_bag_steps():
+    bags = _bags([100, 4])
+    epoch = EpochBags(bags, [0, 1], max_instances=10, generator=torch.Generator().manual_seed(0))
+    cut, whole = epoch[0], epoch[1]
+    rows = (cut.features[:, 0] / 3).long()  # each kept row's position, read from its features
+    assert torch.equal(cut.instance_index, rows) and whole.instance_index is None
+    batch = pad_bags([cut, whole])
+    assert batch.instance_index.tolist() == [rows.tolist(), [0, 1, 2, 3] + [-1] * 6]
+    assert torch.equal(batch.to("cpu").instance_index, batch.instance_index)
+    assert [r.instance_index.tolist() for r in unpadded_rows(batch)] == [[rows.tolist()], [[0, 1, 2, 3]]]
+    (step,) = list(bagwise_steps([cut, whole], batch_size=2, device="cpu"))
+    assert [b.instance_index.tolist() for b in step] == [[rows.tolist()], [[0, 1, 2, 3]]]
+    again = EpochBags([cut], [0], max_instances=5, generator=torch.Generator().manual_seed(1))[0]
+    assert set(again.instance_index.tolist()) <= set(rows.tolist())  # a cut of a cut keeps slide positions
+    assert torch.equal(BagStore([cut]).bags[0].instance_index, rows)

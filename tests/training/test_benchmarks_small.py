@@ -12,6 +12,8 @@ from wsi_mil.models import create_model
 from wsi_mil.training.benchmarks_data import (
     benchmark_folds,
     digits_bag_sets,
+    digits_witness_bag_sets,
+    gaussian_witness_bags,
     load_mil_benchmark,
     standardize,
     subtype_bags,
@@ -94,6 +96,26 @@ def test_digits_bags_follow_the_recipe():
     balanced, _ = digits_bag_sets(num_train_bags=400, num_test_bags=1, mean_bag_size=50, sd_bag_size=10, balanced=True)
     assert 0.4 < np.mean([b.label for b in balanced]) < 0.6
     assert 45 < np.mean([len(b.features) for b in balanced]) < 55
+
+
+def test_witness_bags_label_every_instance():
+    """The instance labels are the target digits (digits) or the shifted instances (Gaussian), and a
+    bag is positive exactly when it holds one."""
+    digits = load_digits()
+    digit_of = {row.tobytes(): d for row, d in zip((digits.data / 16).astype(np.float32), digits.target, strict=True)}
+    train, _ = digits_witness_bag_sets(num_train_bags=50, num_test_bags=5, seed=2)
+    same = digits_bag_sets(num_train_bags=50, num_test_bags=5, seed=2)[0]
+    assert all(torch.equal(a.features, b.features) and a.label == b.label for a, b in zip(train.bags, same, strict=True))
+    for bag, witnesses in zip(train.bags, train.instance_labels, strict=True):
+        assert witnesses.tolist() == [digit_of[r.tobytes()] == 9 for r in bag.features.numpy()]
+        assert bag.label == int(witnesses.any())
+    gaussian = gaussian_witness_bags(6, bag_size=50, witness_rate=0.1, mean_norm=3.0, dim=16, seed=0)
+    assert [b.label for b in gaussian.bags] == [0, 1] * 3
+    for bag, witnesses in zip(gaussian.bags, gaussian.instance_labels, strict=True):
+        assert witnesses.sum() == 5 * bag.label
+        if bag.label:  # witnesses sit about |μ| = 3 further along (1, ..., 1)/4 than the rest
+            projection = bag.features.sum(dim=1).numpy() / 4.0
+            assert projection[witnesses].mean() - projection[~witnesses].mean() > 1.5
 
 
 def test_digits_bags_abmil_test_auc():

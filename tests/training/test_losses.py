@@ -1,4 +1,5 @@
-"""The supervised contrastive loss against hand-computed values and an independent numpy loop."""
+"""The contrastive losses against hand-computed values and independent loops: SupCon (other views,
+momentum keys and a queue as contrast-only entries, anchors without positives) and MoCo's InfoNCE."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_mil.training.losses import supervised_contrastive_loss
+from wsi_mil.training.losses import moco_infonce_loss, supervised_contrastive_loss
 
 S1 = ([(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)], [0, 0, 1])
 S2 = ([(1.0, 0.0), (0.6, 0.8), (0.0, 1.0), (-0.6, 0.8)], [0, 0, 1, 1])
@@ -138,3 +139,42 @@ def test_bfloat16_inputs_are_computed_in_float32():
     result = supervised_contrastive_loss(z, torch.tensor(S2[1]), temperature=0.5)
     assert result.loss.dtype == torch.float32
     assert float(result.loss) == pytest.approx(0.642893, abs=1e-2)  # bf16 rounds the inputs themselves
+
+
+def test_momentum_keys_and_a_queue_join_the_contrast_set_as_in_ins():
+    """INS's main phase: query anchors against their own momentum keys and the queue's valid slots."""
+    anchors, keys = [(1.0, 0.0), (0.0, 1.0)], [(0.8, 0.6), (-0.6, 0.8)]
+    queue = [(0.6, -0.8), (-1.0, 0.0)]
+    anchor_labels, contrast_labels = [1, 0], [1, 0, 1, 0]
+    expected = numpy_supcon(
+        np.array(anchors), np.array(anchor_labels), 0.5,
+        extra=np.array(keys + queue), extra_labels=np.array(contrast_labels),
+    )
+    assert expected == pytest.approx(1.211060, abs=1e-6)  # per anchor 0.873123 and 1.548996, by hand
+    result = supervised_contrastive_loss(
+        torch.tensor(anchors), torch.tensor(anchor_labels), temperature=0.5,
+        contrast=torch.tensor(keys + queue), contrast_labels=torch.tensor(contrast_labels),
+    )
+    assert float(result.loss) == pytest.approx(1.211060, abs=1e-6)
+    # without a queue each anchor's own key is still its positive: never a division by zero
+    keys_only = supervised_contrastive_loss(
+        torch.tensor(anchors), torch.tensor(anchor_labels), temperature=0.5,
+        contrast=torch.tensor(keys), contrast_labels=torch.tensor([1, 0]),
+    )
+    assert result.has_positive.all() and keys_only.has_positive.all()
+    assert float(keys_only.loss) == pytest.approx(
+        numpy_supcon(np.array(anchors), np.array(anchor_labels), 0.5, extra=np.array(keys), extra_labels=np.array([1, 0])),
+        abs=1e-6,
+    )
+
+
+def test_moco_infonce_by_hand_and_with_an_empty_queue():
+    q, k = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
+    logits = [0.6 / 0.5, 0.0 / 0.5, -1.0 / 0.5]
+    expected = -logits[0] + math.log(sum(math.exp(v) for v in logits))
+    assert expected == pytest.approx(0.294129, abs=1e-6)
+    loss = moco_infonce_loss(q, k, queue, temperature=0.5, queue_valid=torch.tensor([True, True, False]))
+    assert float(loss) == pytest.approx(0.294129, abs=1e-6)
+    empty = moco_infonce_loss(q, k, queue, temperature=0.5, queue_valid=torch.zeros(3, dtype=torch.bool))
+    assert float(empty) == 0.0

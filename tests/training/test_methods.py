@@ -56,7 +56,7 @@ def test_every_method_module_is_imported_explicitly_by_the_package():
     broken method module fails at import and no method silently disappears."""
     infrastructure = {"base", "registry"}
     modules = {m.name for m in pkgutil.iter_modules(methods.__path__)} - infrastructure
-    assert modules == {"acmil", "aem", "mhim", "packmil", "scmil"}
+    assert modules == {"acmil", "aem", "ins", "mhim", "packmil", "scmil"}
     script = (
         "import json, sys; import wsi_mil.training.methods as m; "
         "print(json.dumps([sorted(sys.modules), m.list_methods()]))"
@@ -64,7 +64,7 @@ def test_every_method_module_is_imported_explicitly_by_the_package():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     imported, names = json.loads(result.stdout)
     assert {f"wsi_mil.training.methods.{name}" for name in modules} <= set(imported)
-    assert names == ["acmil", "aem", "mhim", "packmil", "plain", "scmil"]
+    assert names == ["acmil", "aem", "ins", "mhim", "packmil", "plain", "scmil"]
 
 
 def test_acmil_method_warns_when_the_model_returns_no_aux_loss(caplog):

@@ -29,7 +29,7 @@ def train(
     features: Annotated[Path | None, typer.Option("--features", help="folder of feature files")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV: slide_id,label[,case_id][,split]")] = None,
     model: Annotated[str | None, typer.Option(help="model name (wsi-mil list-models); default abmil")] = None,
-    method: Annotated[str | None, typer.Option(help="plain | aem | acmil | mhim | packmil | scmil")] = None,
+    method: Annotated[str | None, typer.Option(help="plain | aem | acmil | mhim | packmil | scmil | ins (--model ins)")] = None,
     folds: Annotated[int | None, typer.Option(help="k of the patient-grouped stratified k-fold")] = None,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs per fold")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,

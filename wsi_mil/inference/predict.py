@@ -36,6 +36,8 @@ from wsi_mil.preprocessing.slide import open_slide
 
 #: name under which per-tile class probabilities (`MILOutput.instance_logits`) are stored
 TILE_PROBABILITY = "tile_probability"
+#: name under which each tile's own probability (`MILOutput.instance_scores`, e.g. INS) is stored
+INSTANCE_SCORE = "instance_score"
 #: longer side of the slide thumbnail a slide prediction keeps for heatmaps
 THUMBNAIL_MAX_SIZE = 2048
 #: feature-file suffixes `wsi-mil predict` reads as features; anything else is opened as a slide
@@ -101,7 +103,8 @@ def predict_bag(model: LoadedModel, features: np.ndarray | torch.Tensor) -> BagP
     """Run the model on one bag `features [N, D]`: probabilities, attention and every per-tile map.
 
     Per-tile class probabilities (softmax of `MILOutput.instance_logits`) are stored as the map
-    `tile_probability` `[C, N]` for models that give instance logits.
+    `tile_probability` `[C, N]` for models that give instance logits, and each tile's own score
+    (`MILOutput.instance_scores`) as the map `instance_score` `[1, N]` for models that give one.
     """
     bag = torch.as_tensor(np.asarray(features, dtype=np.float32)).to(model.device)
     output = model.model(bag.unsqueeze(0))  # [1, N, D] -> batch of one
@@ -110,6 +113,8 @@ def predict_bag(model: LoadedModel, features: np.ndarray | torch.Tensor) -> BagP
     if output.instance_logits is not None:
         tile_probs = torch.softmax(output.instance_logits.detach().float().cpu()[0], dim=-1)  # [N, C]
         maps[TILE_PROBABILITY] = tile_probs.T.numpy()  # [C, N]
+    if output.instance_scores is not None:
+        maps[INSTANCE_SCORE] = _rows_of_one_bag(output.instance_scores)  # [1, N]
     return BagPrediction(
         class_names=tuple(model.class_names),
         logits=logits.numpy(),

@@ -5,6 +5,7 @@ from wsi_mil.models import abmil as abmil
 from wsi_mil.models import acmil as acmil
 from wsi_mil.models import clam as clam
 from wsi_mil.models import dsmil as dsmil
+from wsi_mil.models import ins as ins
 from wsi_mil.models import mamba_mil as mamba_mil
 from wsi_mil.models import packmil_ads as packmil_ads
 from wsi_mil.models import r2t_mil as r2t_mil

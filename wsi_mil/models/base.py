@@ -25,6 +25,10 @@ class MILOutput:
             them to the bag loss. Losses that need the label come from `MILModel.aux_losses`.
         embedding: `[B, E]` bag embedding before the classifier, where the model has one.
         instance_logits: `[B, N, C]` per-instance class logits, where the model has them.
+        instance_scores: `[B, N]` each instance's own probability, in [0, 1] and not normalised over
+            the bag, of the class it is evidence for (binary: the positive class), where the model
+            classifies instances (INS); zero on padding. `wsi-mil predict` writes it per tile as
+            `instance_score`.
         instance_contributions: `[B, N, C]` each instance's class evidence from this same pass,
             where the model has it: the bag classifier's weights applied to the instance's
             attention-weighted feature (no classifier bias), so with attention pooling and a linear
@@ -40,6 +44,7 @@ class MILOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
     instance_logits: torch.Tensor | None = None
+    instance_scores: torch.Tensor | None = None
     instance_contributions: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 

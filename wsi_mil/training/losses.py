@@ -1,8 +1,10 @@
-"""Loss functions shared by training methods: the supervised contrastive loss (SupCon).
+"""Contrastive losses shared by training methods: supervised contrast (SupCon) and MoCo's InfoNCE.
 
 SupCon (Khosla et al. 2020) as in the reference implementation (HobbitLong/SupContrast
-`losses.py`), with a contrast set that can hold entries beyond the anchors (other views, a memory
-queue). Used by SC-MIL on bag embeddings.
+`losses.py`), with a contrast set that can hold entries beyond the anchors (other views, momentum
+keys, a memory queue): SC-MIL uses it on bag embeddings, INS on instance embeddings. InfoNCE
+(He et al. 2020) is INS's warm-up term. Both compute in float32 (under bf16 autocast the logits at
+τ = 0.07 reach ±14.3) with a numerically stable log-sum-exp.
 """
 
 from __future__ import annotations
@@ -72,3 +74,21 @@ def supervised_contrastive_loss(
     else:
         loss = 0.0 * logits.sum()
     return SupConResult(loss, has_positive)
+
+
+def moco_infonce_loss(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    queue: torch.Tensor,
+    *,
+    temperature: float,
+    queue_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MoCo's InfoNCE: each query `[M, d]` must pick its own key `[M, d]` out of it and the valid
+    queue entries `[K, d]`; cross-entropy with target 0 over `[q·k, q·queue…] / τ`, mean over queries."""
+    queries = queries.float()
+    if queue_valid is not None:
+        queue = queue[queue_valid]
+    positive = (queries * keys.float()).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive, queries @ queue.float().T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))

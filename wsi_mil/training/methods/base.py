@@ -28,10 +28,14 @@ class Batch:
     slide_ids: list[str] = field(default_factory=list)
     #: soft targets `[B, C]` when a method mixes labels (PackMIL hyperslides); None = hard labels
     soft_labels: torch.Tensor | None = None
+    #: `[B, N]` long: each instance's position in its slide's full bag (kept through the
+    #: `max_instances` cap), -1 on padding; None when the batch was built without it
+    instance_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         soft = None if self.soft_labels is None else self.soft_labels.to(device)
-        return Batch(self.features.to(device), self.mask.to(device), self.labels.to(device), self.slide_ids, soft)
+        index = None if self.instance_index is None else self.instance_index.to(device)
+        return Batch(self.features.to(device), self.mask.to(device), self.labels.to(device), self.slide_ids, soft, index)
 
 
 @dataclass
