@@ -20,11 +20,8 @@ _PROBE = """
 import json, sys
 heavy = json.loads(sys.argv[2])
 sys.argv = ["wsi-mil", *json.loads(sys.argv[1])]
-from wsi_mil.cli import main
-try:
-    main()
-except SystemExit:
-    pass
+from wsi_mil.cli import run_command_line
+run_command_line()
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} & set(heavy))))
 """
 
