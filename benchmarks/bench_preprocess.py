@@ -170,16 +170,33 @@ def whole_process(slide_path: Path, *, allocator: str | None) -> dict[str, objec
 
 
 def stage_and_forward(slide_path: Path, config: PreprocessConfig) -> dict[str, object]:
-    """`preprocess_slide` in this process, then the forward-only rate of its encoder, same process."""
+    """`preprocess_slide` in this process, with the forward-only rate of its encoder measured right
+    before and right after it (their mean is the reference: a shared machine drifts), and the CPU
+    seconds per tile of both (this process and any reaped workers), which drift much less."""
     encoder = load_encoder(config.encoder, weights="random", device="cpu")
+    measure_forward_throughput(encoder, batch_size=config.batch_size, n_batches=1)  # first-call costs
+
+    def forward_only() -> tuple[float, float]:
+        cpu = tree_cpu_s()
+        rate = measure_forward_throughput(encoder, batch_size=config.batch_size, n_batches=4, warmup_batches=0)
+        return rate, (tree_cpu_s() - cpu) / (4 * config.batch_size)
+
+    before, before_cpu = forward_only()
+    cpu = tree_cpu_s()
     with tempfile.TemporaryDirectory() as tmp:
         result = preprocess_slide(slide_path, tmp, config, encoder=encoder)
+    stage_cpu = (tree_cpu_s() - cpu) / max(result.tiles, 1)
     assert result.status == "done", result.reason
+    after, after_cpu = forward_only()
     stage = result.tiles / result.timings["features_s"]
-    forward = measure_forward_throughput(encoder, batch_size=config.batch_size, n_batches=4)
+    forward = (before + after) / 2
     return {"tiles": result.tiles, "tissue_and_tiling_s": result.timings["tissue_and_tiling_s"],
             "stage_tiles_per_s": round(stage, 2), "forward_only_tiles_per_s": round(forward, 2),
-            "stage_vs_forward_only": round(stage / forward, 3), "compiled": encoder.compiled is not None}
+            "forward_only_before_after": [round(before, 2), round(after, 2)],
+            "stage_vs_forward_only": round(stage / forward, 3),
+            "slide_cpu_ms_per_tile": round(stage_cpu * 1e3, 2),
+            "forward_only_cpu_ms_per_tile": round((before_cpu + after_cpu) / 2 * 1e3, 2),
+            "compiled": encoder.compiled is not None}
 
 
 def compile_payoff(config: PreprocessConfig) -> dict[str, object]:

@@ -16,6 +16,7 @@ from wsi_mil.preprocessing.extract import (
     CpuPlan,
     TileDataset,
     _cgroup_cpu_quota,
+    decode_in_threads,
     extract_features,
     measure_forward_throughput,
     plan_cpu_use,
@@ -130,6 +131,20 @@ def test_features_do_not_depend_on_workers(
     assert np.unique(reference, axis=0).shape[0] == 16
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_decode_each_batch_in_tile_order(
+    slide: SlideReader, grid: TileGrid, test_encoder: Encoder, threads: int
+) -> None:
+    tiles = first_tiles(grid, 11)
+    dataset = TileDataset(slide, tiles, test_encoder.cfg)
+    batches = list(decode_in_threads(dataset, batch_size=4, threads=threads))
+    assert [len(images) for images, _ in batches] == [4, 4, 3]
+    assert all(errors == [""] * len(images) for images, errors in batches)
+    decoded = torch.cat([images for images, _ in batches])
+    one_by_one = torch.stack([preprocess_tile(read_tile(slide, tiles, i), test_encoder.cfg) for i in range(11)])
+    torch.testing.assert_close(decoded, one_by_one, rtol=0, atol=0)
+
+
 def test_resnet50_trunc_features_do_not_depend_on_workers(
     slide: SlideReader, grid: TileGrid, resnet: Encoder
 ) -> None:
@@ -222,11 +237,11 @@ def test_measure_forward_throughput_is_positive(test_encoder: Encoder) -> None:
 @pytest.mark.parametrize(
     ("device", "cpus", "slides", "expected"),
     [
-        ("cpu", 2, 1, CpuPlan(threads=2, workers=1)),  # the 2-core machine: one worker decodes ahead
-        ("cpu", 16, 1, CpuPlan(threads=16, workers=2)),
-        ("cpu", 64, 1, CpuPlan(threads=64, workers=8)),
-        ("cpu", 16, 4, CpuPlan(threads=4, workers=1)),  # --jobs 4 shares the cores
-        ("cpu", 2, 4, CpuPlan(threads=1, workers=1)),
+        ("cpu", 2, 1, CpuPlan(threads=2, workers=0)),  # the 2-core machine: 2 threads decode, then 2 run the model
+        ("cpu", 16, 1, CpuPlan(threads=16, workers=0)),
+        ("cpu", 64, 1, CpuPlan(threads=64, workers=0)),
+        ("cpu", 16, 4, CpuPlan(threads=4, workers=0)),  # --jobs 4 shares the cores
+        ("cpu", 2, 4, CpuPlan(threads=1, workers=0)),
         ("cuda", 16, 1, CpuPlan(threads=1, workers=8)),  # the GPU runs the model, the cores decode
         ("cuda", 2, 1, CpuPlan(threads=1, workers=1)),
     ],

@@ -43,7 +43,7 @@ def preprocess(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     ray_gpus: Annotated[float | None, typer.Option(help="GPUs per slide task on Ray (default: 1 if any)")] = None,
     batch_size: Annotated[int, typer.Option(help="tiles per encoder batch")] = 64,
-    workers: Annotated[int | None, typer.Option(help="tile-decoding workers per slide (default: chosen for the CPUs)")] = None,
+    workers: Annotated[int | None, typer.Option(help="tile-decoding worker processes per slide; 0: threads of the slide's process decode (default: chosen for the device and CPUs)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads per slide on CPU (default: the usable cores / --jobs)")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     compile_model: Annotated[str, typer.Option("--compile", help="torch.compile the encoder: auto (where it pays off) | on | off")] = "auto",

@@ -1,4 +1,8 @@
-"""Streaming feature extraction: DataLoader workers read and resize tiles while the encoder runs.
+"""Streaming feature extraction: tiles are read and resized, batch by batch, and the encoder embeds them.
+
+On the CPU, threads of this process decode each batch on every core and the model then runs on every
+core: the two phases take turns instead of a decoding process competing with the model's threads.
+With a GPU (or `num_workers > 0`), DataLoader worker processes decode ahead while the model runs.
 
 Batches come out in tile order as `(start_row, features [b, D])`, so a `FeatureFileWriter` can
 write them straight to disk and memory stays bounded whatever the number of tiles.
@@ -11,6 +15,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +30,6 @@ from wsi_mil.preprocessing.encoders import Encoder, EncoderCfg, preprocess_tile
 from wsi_mil.preprocessing.slide import SlideReader
 from wsi_mil.preprocessing.tiling import TileGrid, read_tile
 
-#: one tile-decoding worker per this many CPU cores when the model runs on the CPU: reading, decoding
-#: and resizing a tile costs about 1/20 of ResNet-50-trunc's bf16 forward (docs/benchmarks.md)
-CPU_CORES_PER_DECODING_WORKER = 8
 #: at most this many decoding workers per slide when the model runs on a GPU
 MAX_GPU_DECODING_WORKERS = 8
 
@@ -57,7 +59,8 @@ def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 @dataclass(frozen=True)
 class CpuPlan:
-    """How one slide's feature extraction uses the cores: intra-op torch threads, decoding workers."""
+    """How one slide's feature extraction uses the cores: intra-op torch threads, and decoding worker
+    processes (0: `threads` threads of the slide's own process decode each batch)."""
 
     threads: int
     workers: int
@@ -66,15 +69,17 @@ class CpuPlan:
 def plan_cpu_use(device_type: str, *, slides_at_once: int = 1, cpus: int | None = None) -> CpuPlan:
     """Threads and decoding workers for one slide when `slides_at_once` slides share `cpus` cores.
 
-    On the CPU the model takes every core of its share and one decoding worker per
-    `CPU_CORES_PER_DECODING_WORKER` cores (at least one) decodes ahead of it: two workers and two
-    threads on two cores left the stage at 0.75-0.79 of the forward-only rate. On a GPU the cores
-    decode (share - 1 workers, at most `MAX_GPU_DECODING_WORKERS`) and the host keeps one thread.
+    On the CPU the model takes every core of its share, and so does the decoding of each batch,
+    by as many threads of the slide's process, in turn with the model. On 2 cores this ran the
+    stage at 1.05-1.26x the rate of one decoding worker process beside the model, whose core the
+    model's threads kept waiting for, with 28 % less peak RSS (docs/benchmarks.md). On a GPU the
+    cores decode ahead in worker processes (share - 1, at most `MAX_GPU_DECODING_WORKERS`) and the
+    host keeps one thread.
     """
     share = max(1, (cpus if cpus is not None else usable_cpus()) // max(1, slides_at_once))
     if device_type == "cuda":
         return CpuPlan(threads=1, workers=max(1, min(MAX_GPU_DECODING_WORKERS, share - 1)))
-    return CpuPlan(threads=share, workers=max(1, round(share / CPU_CORES_PER_DECODING_WORKER)))
+    return CpuPlan(threads=share, workers=0)
 
 
 class TileDataset(Dataset[tuple[torch.Tensor, str]]):
@@ -141,9 +146,10 @@ def extract_features(
     on CPU (see `resolve_precision`). `on_batch(done, total)` is called after every batch.
     A tile that cannot be read (damaged data) raises `SlideOpenError` with its one-line reason, or,
     with `on_unreadable`, is reported as `on_unreadable(row, reason)` and its row holds the features
-    of a blank tile. Results do not depend on `num_workers` (None: `plan_cpu_use`'s choice).
-    A process still on glibc's default malloc is tuned first (`wsi_mil.allocator`), and so are
-    the workers.
+    of a blank tile. `num_workers` decoding processes decode ahead of the model; with 0, as many
+    threads as torch uses decode each batch in this process (None: `plan_cpu_use`'s choice).
+    Results do not depend on either. A process still on glibc's default malloc is tuned first
+    (`wsi_mil.allocator`), and so are the workers.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -154,20 +160,22 @@ def extract_features(
     dataset = TileDataset(slide, grid, encoder.cfg)
     if num_workers is None:
         num_workers = plan_cpu_use(encoder.device.type).workers
-    use_workers = num_workers > 0
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=encoder.device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=2 if use_workers else None,
-        multiprocessing_context=multiprocessing_context if use_workers else None,
-        worker_init_fn=tune_worker if use_workers else None,
-    )
+    if num_workers > 0:
+        batches: Iterator[tuple[torch.Tensor, list[str]]] = iter(DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=encoder.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=2,
+            multiprocessing_context=multiprocessing_context,
+            worker_init_fn=tune_worker,
+        ))
+    else:
+        batches = decode_in_threads(dataset, batch_size=batch_size, threads=torch.get_num_threads())
     done = 0
-    for images, errors in loader:  # uint8 [b, 3, S, S], b reasons ("" when read)
+    for images, errors in batches:  # uint8 [b, 3, S, S], b reasons ("" when read)
         for offset, error in enumerate(errors):
             if error and on_unreadable is None:
                 raise SlideOpenError(error)
@@ -178,6 +186,19 @@ def extract_features(
         done += len(features)
         if on_batch is not None:
             on_batch(done, total)
+
+
+def decode_in_threads(
+    dataset: TileDataset, *, batch_size: int, threads: int
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches `(uint8 [b, 3, S, S], b reasons)` of `dataset` in order, each decoded by `threads`
+    threads of this process (OpenSlide and Pillow release the GIL) before the next is started, so
+    decoding and the model take turns on the same cores."""
+    rows = range(len(dataset))
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="wsi-mil-decode") as pool:
+        for start in range(0, len(rows), batch_size):
+            items = list(pool.map(dataset.__getitem__, rows[start : start + batch_size]))
+            yield torch.stack([image for image, _ in items]), [error for _, error in items]
 
 
 def measure_forward_throughput(

@@ -64,7 +64,7 @@ class PreprocessConfig(BaseModel):
     )
     # runtime only: not part of the parameter hash
     batch_size: int = 64
-    num_workers: int | None = Field(default=None, ge=0, description="tile-decoding workers (None: plan_cpu_use)")
+    num_workers: int | None = Field(default=None, ge=0, description="tile-decoding worker processes; 0: threads of this process (None: plan_cpu_use)")
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (None: plan_cpu_use)")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the encoder: auto where measured to pay off for the slide's tiles"
