@@ -4,9 +4,10 @@
   workers and `--compile auto`), tiles/s from start to exit, CPU seconds of the process tree (user +
   sys), tiles per CPU-second, peak RSS of the tree, start-up overhead (wall outside the slide), and
   the same with `WSI_MIL_ALLOCATOR=system` (glibc defaults) for the allocator's effect;
-- stage: `preprocess_slide` in this process (feature-extraction tiles/s: workers decode while the
-  model runs) and, in the same process and allocator, the forward-only rate of the same encoder
-  (`measure_forward_throughput`: random decoded tiles through `embed`);
+- stage: `preprocess_slide` in this process (feature-extraction tiles/s: decoding and the model with
+  the planned threads and workers) and, in the same process and allocator, the forward-only rate of
+  the same encoder right before and after it (`measure_forward_throughput`: random decoded tiles
+  through `embed`), with the CPU per tile of both;
 - the naive per-tile fp32 loop CLAM runs (same process and allocator);
 - torch.compile: compile seconds, eager against compiled forward-only, and the tile count from
   which compiling pays off;
@@ -221,8 +222,8 @@ def tree_cpu_s() -> float:
 
 
 def workers_sweep(slide_path: Path, config: PreprocessConfig, *, tiles: int, rounds: int = 2) -> list[dict[str, object]]:
-    """Stage tiles/s (`extract_features` on the first `tiles` tissue tiles) for 0, 1 and 2 decoding
-    workers and 1 or all threads, rounds interleaved, each against the forward-only rate measured
+    """Stage tiles/s (`extract_features` on the first `tiles` tissue tiles) for 0 (threads of this
+    process decode), 1 and 2 decoding worker processes and 1 or all threads, rounds interleaved, each against the forward-only rate measured
     right after it in this process; and the CPU seconds per tile of both (process + workers), which
     a shared machine's load disturbs much less than the rates."""
     import dataclasses

@@ -274,6 +274,21 @@ def test_unreadable_svs_fails_on_read_and_recovers_from_sticky_errors(slides_dir
         slide.get_thumbnail((8, 8))
 
 
+def test_readers_sharing_a_tile_cache_read_the_same_pixels_and_keep_it_after_reopening(slides_dir: Path) -> None:
+    cache = openslide.OpenSlideCache(8 * 2**20)
+    plain, first, second = (SlideReader(slides_dir / CMU) for _ in range(3))
+    first.read_region((0, 0), 0, (8, 8))  # open before sharing: the open handle takes the cache
+    first.share_cache(cache)
+    second.share_cache(cache)  # not open yet: the handle takes it when it opens
+    region = ((1000, 700), 0, (300, 300))  # across stored tiles (240 px) in both directions
+    expected = plain.read_region(*region)
+    np.testing.assert_array_equal(first.read_region(*region), expected)
+    np.testing.assert_array_equal(second.read_region(*region), expected)
+    first.close()  # reopened on next use, with the shared cache again
+    np.testing.assert_array_equal(first.read_region(*region), expected)
+    assert first._handle is not None and second._handle is not None
+
+
 def test_out_of_bounds_reads_are_white_and_thumbnails_fit(slides_dir: Path) -> None:
     slide = open_slide(slides_dir / CMU)
     corner = slide.read_region((2200, 2950), 0, (64, 64))

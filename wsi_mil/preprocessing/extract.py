@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openslide
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,6 +34,8 @@ from wsi_mil.preprocessing.tiling import TileGrid, read_tile
 
 #: at most this many decoding workers per slide when the model runs on a GPU
 MAX_GPU_DECODING_WORKERS = 8
+#: OpenSlide tile cache per decoding thread (OpenSlide's own default for one handle is 32 MiB)
+TILE_CACHE_BYTES_PER_THREAD = 32 * 2**20
 
 
 def usable_cpus() -> int:
@@ -89,7 +93,8 @@ class TileDataset(Dataset[tuple[torch.Tensor, str]]):
     then blank): a damaged tile never raises inside a DataLoader worker, whose traceback would
     become the slide's reason. Each process reads through its own `SlideReader`: the creating
     process uses `slide`, any other process (a DataLoader worker, forked or spawned) opens a
-    private copy on first use.
+    private copy on first use. Decoding threads pass their own readers to `decode`
+    (`decode_in_threads`), because an OpenSlide error is sticky on the handle it happened on.
     """
 
     def __init__(self, slide: SlideReader, grid: TileGrid, cfg: EncoderCfg) -> None:
@@ -104,20 +109,28 @@ class TileDataset(Dataset[tuple[torch.Tensor, str]]):
         return len(self.grid.coords)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.decode(index, self._reader())
+
+    def decode(self, index: int, reader: SlideReader) -> tuple[torch.Tensor, str]:
+        """Tile `index` read through `reader`, resized and cropped, with its error ("" when read)."""
         try:
-            tile = read_tile(self._reader(), self.grid, index)  # [tile_px, tile_px, 3]
+            tile = read_tile(reader, self.grid, index)  # [tile_px, tile_px, 3]
         except SlideOpenError as err:
             side = self.grid.tile_px
             return preprocess_tile(np.zeros((side, side, 3), dtype=np.uint8), self.cfg), str(err)
         return preprocess_tile(tile, self.cfg), ""
+
+    def private_reader(self) -> SlideReader:
+        """A new reader of the same slide with no OpenSlide handle yet (a pickle round trip, see
+        `SlideReader`): it opens its own on first use."""
+        return pickle.loads(pickle.dumps(self.slide))
 
     def _reader(self) -> SlideReader:
         pid = os.getpid()
         if pid == self._owner_pid:
             return self.slide
         if self._worker_reader is None or self._worker_pid != pid:
-            # A pickle round trip gives a reader with no OpenSlide handle (see SlideReader).
-            self._worker_reader = pickle.loads(pickle.dumps(self.slide))
+            self._worker_reader = self.private_reader()
             self._worker_pid = pid
         return self._worker_reader
 
@@ -193,11 +206,27 @@ def decode_in_threads(
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Batches `(uint8 [b, 3, S, S], b reasons)` of `dataset` in order, each decoded by `threads`
     threads of this process (OpenSlide and Pillow release the GIL) before the next is started, so
-    decoding and the model take turns on the same cores."""
+    decoding and the model take turns on the same cores.
+
+    Each thread reads through its own OpenSlide handle, so a damaged tile's (sticky) error cannot
+    fail a sound tile read at the same moment by another thread; the handles share one tile cache,
+    so neighbouring tiles read by different threads still decode each stored tile once.
+    """
+    threads = max(1, threads)
+    cache = openslide.OpenSlideCache(threads * TILE_CACHE_BYTES_PER_THREAD)
+    own = threading.local()
+
+    def decode(index: int) -> tuple[torch.Tensor, str]:
+        reader = getattr(own, "reader", None)
+        if reader is None:
+            reader = own.reader = dataset.private_reader()
+            reader.share_cache(cache)
+        return dataset.decode(index, reader)
+
     rows = range(len(dataset))
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="wsi-mil-decode") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsi-mil-decode") as pool:
         for start in range(0, len(rows), batch_size):
-            items = list(pool.map(dataset.__getitem__, rows[start : start + batch_size]))
+            items = list(pool.map(decode, rows[start : start + batch_size]))
             yield torch.stack([image for image, _ in items]), [error for _, error in items]
 
 

@@ -338,6 +338,7 @@ class SlideReader:
         self._mpp_info: MppInfo | None = None
         self._damage_cause: str | object | None = _NOT_CHECKED
         self._ycbcr_labelled_rgb: bool | None = None
+        self._cache: openslide.OpenSlideCache | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -364,6 +365,8 @@ class SlideReader:
             self._level_downsamples = level_downsamples
             if self._ycbcr_labelled_rgb is None:
                 self._ycbcr_labelled_rgb = dicom_frames_are_ycbcr_labelled_rgb(self._path, properties)
+            if self._cache is not None:
+                handle.set_cache(self._cache)
             self._handle = handle
             return handle
 
@@ -388,6 +391,14 @@ class SlideReader:
         if self._damage_cause is _NOT_CHECKED:
             self._damage_cause = diagnose_damaged_file(self._path)
         return self._damage_cause  # type: ignore[return-value]
+
+    def share_cache(self, cache: openslide.OpenSlideCache) -> None:
+        """Keep decoded tiles in `cache` (thread-safe), which other readers in this process may share,
+        from now on and after any reopening."""
+        with self._lock:
+            self._cache = cache
+            if self._handle is not None:
+                self._handle.set_cache(cache)
 
     def close(self) -> None:
         """Release the OpenSlide handle (it is reopened on next use)."""

@@ -71,7 +71,7 @@ class ServiceSettings(BaseSettings):
         None, description="torch device of models and encoders (default: cuda if available)"
     )
     tile_workers: int = Field(
-        0, ge=0, description="tile-reading processes per slide job (0 reads in the worker thread)"
+        0, ge=0, description="tile-reading processes per slide job (0: threads of the service process read each batch)"
     )
     batch_size: int = Field(64, ge=1, description="tiles per encoder batch in slide jobs")
     top_k: int = Field(
